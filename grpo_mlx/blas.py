@@ -1,0 +1,57 @@
+"""Use a system OpenBLAS for MLX's CPU backend on Linux.
+
+The Linux `mlx[cpu]` wheel ships a reference BLAS (about 3-5 GFLOP/s for fp32 matmul on a laptop
+core). Loading an optimised BLAS into the global symbol scope *before* MLX is imported makes MLX
+resolve `cblas_sgemm` to it: 20-50x faster matmuls (shared/DESIGN.md §4). Nothing happens on
+macOS, where MLX runs on Metal and Accelerate.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+# Debian/Ubuntu (libopenblas0-pthread / libopenblas0), Fedora, then a generic name.
+CANDIDATES = [
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+    "/usr/lib64/libopenblas.so.0",
+    "/usr/lib/libopenblas.so.0",
+    "libopenblas.so.0",
+]
+
+_loaded: str | None = None
+_tried = False
+
+
+def use_system_blas() -> str | None:
+    """Load OpenBLAS globally if this is Linux and MLX is not imported yet; return its path.
+
+    Set GRPO_MLX_NO_BLAS=1 to skip (for comparing against the bundled BLAS).
+    """
+    global _loaded, _tried
+    if _tried:
+        return _loaded
+    _tried = True
+    if not sys.platform.startswith("linux") or os.environ.get("GRPO_MLX_NO_BLAS"):
+        return None
+    if "mlx.core" in sys.modules:  # too late: MLX already bound its BLAS symbols
+        return None
+    for path in CANDIDATES:
+        if path.startswith("/") and not os.path.exists(path):
+            continue
+        try:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            continue
+        _loaded = path
+        return path
+    return None
+
+
+def blas_name() -> str:
+    """A short description of the BLAS MLX's CPU backend uses, for logs and `bench`."""
+    if sys.platform == "darwin":
+        return "Accelerate (macOS)"
+    return f"OpenBLAS ({_loaded})" if _loaded else "bundled reference BLAS"

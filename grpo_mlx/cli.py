@@ -1,0 +1,207 @@
+"""`grpo-mlx` command line. Flags are generated from `TrainConfig`, so the dataclass stays the
+single source of truth; `-c run.yaml` fills what flags leave unset.
+
+Heavy imports (MLX, mlx-lm) happen only inside the command that needs them, after the system
+BLAS has been loaded (grpo_mlx.blas).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+from grpo_mlx.config import FIELDS, ConfigError, TrainConfig, build_config
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, named as mlx-lm names its flags (--batch-size ...)."""
+    parser.add_argument("-c", "--config", help="YAML file with any of the options below (flags win).")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if default not in (None, [], ""):
+            help_text += f" [default: {default}]"
+        if "bool" in kind:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif "list" in kind:
+            parser.add_argument(flag, nargs="+", default=None, help=help_text, metavar="VALUE")
+        else:
+            metavar = "N" if "int" in kind else "X" if "float" in kind else "TEXT"
+            parser.add_argument(flag, default=None, help=help_text, metavar=metavar)
+    parser.add_argument("--debug", action="store_true", help="Show Python tracebacks on errors.")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="grpo-mlx",
+        description="GRPO training of language models with LoRA adapters on MLX. "
+        "With no options, `grpo-mlx train` runs the embedded demo.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train = sub.add_parser("train", help="Train adapters with GRPO (headless, with a progress bar).")
+    add_config_flags(train)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    flags = {name: getattr(args, name, None) for name in FIELDS}
+    base = None
+    if args.resume and not args.config:
+        saved = os.path.join(args.resume, "config.json")
+        if not os.path.exists(saved):
+            raise ConfigError(f"--resume {args.resume}: no config.json there; is it a grpo-mlx run directory?")
+        with open(saved, encoding="utf-8") as f:
+            base = {k: v for k, v in json.load(f).items() if k in FIELDS and k != "resume"}
+    return build_config(flags, args.config, base=base)
+
+
+# ------------------------------------------------------------------ headless progress
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class ProgressPrinter:
+    """A one-line progress bar on a terminal, one line per step otherwise (logs, CI)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.total = 0
+        self.start_step = 0
+        self.t0 = time.time()
+        self.recent: list[float] = []
+
+    def write(self, text: str) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K")
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def __call__(self, event: dict) -> None:
+        kind = event["type"]
+        if kind == "start":
+            self.total, self.start_step = event["total_steps"], event["start_step"]
+            self.t0 = time.time()
+            cfg = event["config"]
+            self.write(f"grpo-mlx: run directory {event['run_dir']}")
+            self.write(f"  model {cfg['model']}  |  {event['train_examples']} train prompts, "
+                       f"{event['eval_examples']} held-out  |  B={cfg['batch_size']} G={cfg['group_size']} "
+                       f"loss={cfg['loss_type']} beta={cfg['beta']}  |  BLAS: {event['blas']}")
+            if event["start_step"]:
+                self.write(f"  resuming at step {event['start_step']}")
+        elif kind == "message":
+            self.write(f"{event['level']}: {event['text']}")
+        elif kind == "eval":
+            m = event["metrics"]
+            acc = f"accuracy {m['accuracy']:.1%}, " if "accuracy" in m else ""
+            self.write(f"held-out ({event['name']}, {m['n']} prompts, greedy): {acc}mean reward {m['mean_reward']:.3f}")
+        elif kind == "step":
+            self._step(event)
+        elif kind == "end":
+            s = event["summary"]
+            if "accuracy_before" in s and "accuracy_after" in s:
+                self.write(f"held-out accuracy: {s['accuracy_before']:.1%} -> {s['accuracy_after']:.1%}")
+            self.write(f"{event['status']} after {event['step']} steps in {_fmt_time(time.time() - self.t0)}; "
+                       f"adapters in {s.get('run_dir')}")
+
+    def _step(self, event: dict) -> None:
+        step, m = event["step"], event["metrics"]
+        self.recent = (self.recent + [m["step_time"]])[-20:]
+        per_step = sum(self.recent) / len(self.recent)
+        eta = per_step * (self.total - step)
+        frac = step / max(self.total, 1)
+        bar = "#" * int(frac * 20) + "-" * (20 - int(frac * 20))
+        acc = m.get("rewards/accuracy/mean")
+        parts = [f"step {step:>{len(str(self.total))}}/{self.total} [{bar}]",
+                 f"reward {m['reward']:.3f}"]
+        if acc is not None:
+            parts.append(f"acc {acc:.2f}")
+        if "kl" in m:
+            parts.append(f"kl {m['kl']:.4f}")
+        parts += [f"len {m['completions/mean_length']:.1f}", f"{per_step:.2f}s/step", f"ETA {_fmt_time(eta)}"]
+        line = "  ".join(parts)
+        if self.tty:
+            self.stream.write("\r\033[K" + line)
+            self.stream.flush()
+            if step == self.total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+
+# ------------------------------------------------------------------ commands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    from grpo_mlx.blas import use_system_blas
+
+    use_system_blas()
+    from grpo_mlx.events import EventBus
+    from grpo_mlx.trainer import Trainer
+
+    bus = EventBus()
+    bus.subscribe(ProgressPrinter())
+    Trainer(cfg, bus).run()
+    return 0
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input: shown as one sentence, no traceback."""
+    from grpo_mlx.data import DataError
+    from grpo_mlx.rewards import RewardFunctionError, RewardSpecError
+
+    errors: list[type[BaseException]] = [ConfigError, DataError, RewardSpecError, RewardFunctionError, FileNotFoundError]
+    if "grpo_mlx.policy" in sys.modules:
+        errors.append(sys.modules["grpo_mlx.policy"].ModelLoadError)
+    if "grpo_mlx.trainer" in sys.modules:
+        errors.append(sys.modules["grpo_mlx.trainer"].TrainingStopped)
+    return tuple(errors)
+
+
+def _refuse_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str]) -> None:
+    """argparse says only "unrecognized arguments"; name the closest valid flag too."""
+    import difflib
+
+    flags = ["--" + name.replace("_", "-") for name in FIELDS] + ["--config", "--debug"]
+    for arg in unknown:
+        if arg.startswith("--"):
+            match = difflib.get_close_matches(arg.split("=")[0], flags, n=1, cutoff=0.6)
+            hint = f" (did you mean {match[0]}?)" if match else ""
+            parser.error(f"unknown option {arg}{hint}")
+    parser.error(f"unexpected arguments: {' '.join(unknown)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _refuse_unknown(parser, args, unknown)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return {"train": cmd_train}[args.command](args)
+    except KeyboardInterrupt:
+        print("\ninterrupted; the last checkpoint is kept (resume with --resume RUN_DIR)", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if getattr(args, "debug", False) or not isinstance(e, user_errors()):
+            raise
+        print(f"grpo-mlx: error: {e}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(e, ConfigError) else EXIT_FAILURE

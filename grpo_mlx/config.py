@@ -1,0 +1,276 @@
+"""The run configuration: one dataclass, the single source of truth.
+
+CLI flags are generated from its fields (`grpo_mlx.cli`), a YAML file given with `-c` fills what
+the flags leave unset, and `validate` refuses bad values with a message naming the key. This
+module imports neither MLX nor mlx-lm, so the TUI can build its form from it at once.
+
+Precedence, lowest first: field defaults < the demo's defaults (when no model is given)
+< the YAML file < command-line flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+DEMO_DIR = Path(__file__).parent / "demo"
+DEMO_MODEL = str(DEMO_DIR / "model")
+DEMO_DATA = str(DEMO_DIR / "data")
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+IMPORTANCE_LEVELS = ("token", "sequence")
+FINE_TUNE_TYPES = ("lora", "dora")
+
+
+def _f(default, help: str, **kw):
+    """A dataclass field whose help text travels with it (the CLI and TUI read it)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train on
+    model: Optional[str] = _f(None, "Model: a local mlx-lm model directory or a Hugging Face repo id. Default: the embedded demo model.")
+    data: Optional[str] = _f(None, "Data: a directory with train/valid/test.jsonl, a .jsonl file, or a Hugging Face dataset id. Default: the demo task.")
+    prompt_key: str = _f("prompt", "Column that holds the prompt (a string or a list of chat messages).")
+    answer_key: str = _f("answer", "Column that holds the reference answer (passed to rewards as `answer`).")
+    system_prompt: Optional[str] = _f(None, "System prompt prepended to every prompt.")
+    max_prompt_length: Optional[int] = _f(None, "Refuse prompts longer than this many tokens (default: no limit).")
+    adapter_path: Optional[str] = _f(None, "Run directory: adapters, checkpoints, metrics.jsonl, samples.jsonl. Default: runs/<timestamp>.")
+    resume: Optional[str] = _f(None, "Continue the run in this run directory from its last checkpoint.")
+    seed: int = _f(0, "Random seed for data order, sampling and LoRA initialisation.")
+
+    # --- adapters
+    fine_tune_type: str = _f("lora", "Adapter type: lora or dora.")
+    num_layers: int = _f(16, "Number of transformer blocks (from the last) that get adapters; -1 for all.")
+    lora_rank: int = _f(8, "LoRA rank.")
+    lora_scale: float = _f(20.0, "LoRA scale (mlx-lm's `scale`, multiplies the adapter output).")
+    lora_dropout: float = _f(0.0, "LoRA dropout.")
+    lora_keys: Optional[list] = _f(None, "Module keys to adapt inside each block (e.g. self_attn.q_proj); default: every linear layer.")
+
+    # --- GRPO
+    iters: int = _f(200, "Number of training steps (each: sample, score, update).")
+    batch_size: int = _f(8, "Prompts per step (B); each gets group-size completions.")
+    group_size: int = _f(8, "Completions sampled per prompt (G).")
+    max_completion_length: int = _f(256, "Maximum tokens per completion.")
+    temperature: float = _f(1.0, "Sampling temperature; training log-probabilities use the same temperature.")
+    top_p: float = _f(1.0, "Nucleus sampling: keep the smallest set of tokens with this total probability (1 = off).")
+    top_k: int = _f(0, "Sample only among the k most likely tokens (0 = off).")
+    min_p: float = _f(0.0, "Drop tokens below min-p times the top token's probability (0 = off).")
+    stop: list = _f([], "Stop strings that end a completion (EOS always does).")
+    reward_functions: list = _f(["accuracy"], "Reward functions: built-in names (accuracy, format, overlong, length), file.py:function or module:function.")
+    reward_weights: Optional[list] = _f(None, "Weight of each reward function (default: all 1).")
+    scale_rewards: str = _f("group", "Advantage scaling: group (z-score in group), batch (batch std), none (Dr. GRPO).")
+    loss_type: str = _f("grpo", "Loss aggregation: grpo, bnpo, dr_grpo or dapo.")
+    importance_sampling_level: str = _f("token", "Importance ratio per token (GRPO) or per sequence (GSPO).")
+    beta: float = _f(0.0, "KL penalty coefficient towards the reference (the base model, adapters off). 0 skips the reference pass.")
+    epsilon: float = _f(0.2, "Lower clipping range of the importance ratio.")
+    epsilon_high: Optional[float] = _f(None, "Upper clipping range (DAPO clip-higher); default: epsilon.")
+    num_iterations: int = _f(1, "Updates per rollout batch (mu). With 1 the ratio is exactly 1 and clipping never acts.")
+    dynamic_sampling: bool = _f(False, "Drop groups whose rewards are all equal and sample more prompts to refill the batch (DAPO).")
+    max_resample_rounds: int = _f(3, "With dynamic sampling: at most this many extra sampling rounds per step.")
+
+    # --- optimisation
+    learning_rate: float = _f(1e-5, "Peak learning rate (AdamW).")
+    warmup_steps: int = _f(0, "Linear warmup steps before the cosine decay.")
+    min_lr_ratio: float = _f(0.1, "Cosine decay ends at learning_rate times this.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this (0 = off).")
+    gradient_accumulation_steps: int = _f(1, "Split each step's B*G completions into this many micro-batches.")
+
+    # --- reporting and checkpoints
+    save_every: int = _f(50, "Save a checkpoint every N steps (and always at the end).")
+    samples_per_step: int = _f(4, "Groups per step written to samples.jsonl and shown live (-1 = all).")
+    eval_limit: int = _f(200, "Held-out prompts scored greedily before and after training (0 = skip).")
+    eval_split: str = _f("test", "Split used for the before/after evaluation (falls back to valid).")
+
+    @property
+    def is_demo(self) -> bool:
+        return self.model in (None, DEMO_MODEL)
+
+
+# The demo's settings, measured on this project's 2-core Linux machines: the 0.8M-parameter model
+# goes from ~44% to >90% held-out accuracy in 120-200 steps at ~0.5 s a step.
+DEMO_DEFAULTS: dict[str, Any] = dict(
+    model=DEMO_MODEL,
+    data=DEMO_DATA,
+    num_layers=-1,
+    iters=200,
+    batch_size=8,
+    group_size=8,
+    max_completion_length=8,
+    learning_rate=1e-4,
+    save_every=50,
+)
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key (and file/line when known)."""
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def closest_key(name: str) -> str:
+    match = difflib.get_close_matches(name, FIELDS, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _normalise_key(key: str) -> str:
+    return str(key).replace("-", "_")
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML config; unknown keys are refused with their line and the closest valid key."""
+    import yaml  # cheap; kept local so `import grpo_mlx.config` costs nothing
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(values).__name__}")
+    lines = {kn.value: kn.start_mark.line + 1 for kn, _ in node.value} if node is not None else {}
+    out = {}
+    for key, value in values.items():
+        name = _normalise_key(key)
+        if name not in FIELDS:
+            raise ConfigError(f"{path}:{lines.get(key, '?')}: unknown key '{key}'{closest_key(name)}")
+        out[name] = value
+    return out
+
+
+def build_config(
+    flags: dict[str, Any] | None = None, config_file: str | None = None, base: dict[str, Any] | None = None
+) -> TrainConfig:
+    """Merge defaults, demo defaults, `base` (a resumed run's saved config), YAML and flags
+    (None = unset), then validate."""
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    for key in flags:
+        if key not in FIELDS:
+            raise ConfigError(f"unknown option '{key}'{closest_key(key)}")
+    from_file = {**(base or {}), **(load_yaml(config_file) if config_file else {})}
+    merged: dict[str, Any] = {}
+    if (flags.get("model") or from_file.get("model")) in (None, DEMO_MODEL):
+        merged.update(DEMO_DEFAULTS)
+        if from_file.get("data") or flags.get("data"):
+            merged.pop("data")
+    merged.update(from_file)
+    merged.update(flags)
+    cfg = TrainConfig(**{k: coerce(k, v, source=config_file) for k, v in merged.items()})
+    validate(cfg)
+    return cfg
+
+
+def coerce(name: str, value: Any, source: str | None = None) -> Any:
+    """Convert a YAML/flag value to the field's type, with an error naming the key."""
+    where = f"{source}: " if source else ""
+    annotation = str(FIELDS[name].type)
+    if value is None:
+        return None
+    try:
+        if "list" in annotation:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                value = [value]
+            if name == "reward_weights":
+                return [float(v) for v in value]
+            return [str(v) for v in value]
+        if "bool" in annotation:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if "int" in annotation:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if "float" in annotation:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        kind = annotation.replace("Optional[", "").rstrip("]")
+        raise ConfigError(f"{where}'{name}': expected {kind}, got {value!r}") from None
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Refuse values that cannot work, naming the key and what would be valid."""
+
+    def need(ok: bool, key: str, why: str):
+        if not ok:
+            raise ConfigError(f"'{key}' = {getattr(cfg, key)!r}: {why}")
+
+    need(cfg.group_size >= 2, "group_size", "must be at least 2 (advantages compare completions within a group)")
+    need(cfg.batch_size >= 1, "batch_size", "must be at least 1")
+    need(cfg.iters >= 0, "iters", "must be >= 0")
+    need(cfg.max_completion_length >= 1, "max_completion_length", "must be at least 1")
+    need(cfg.learning_rate >= 0, "learning_rate", "must be >= 0")
+    need(cfg.beta >= 0, "beta", "must be >= 0")
+    need(cfg.epsilon >= 0, "epsilon", "must be >= 0")
+    need(cfg.epsilon_high is None or cfg.epsilon_high >= 0, "epsilon_high", "must be >= 0")
+    need(cfg.temperature > 0, "temperature", "must be > 0 (training samples; use eval for greedy decoding)")
+    need(0 < cfg.top_p <= 1, "top_p", "must be in (0, 1]")
+    need(cfg.top_k >= 0, "top_k", "must be >= 0")
+    need(0 <= cfg.min_p < 1, "min_p", "must be in [0, 1)")
+    need(cfg.num_iterations >= 1, "num_iterations", "must be at least 1")
+    need(cfg.lora_rank >= 1, "lora_rank", "must be at least 1")
+    need(0 <= cfg.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+    need(cfg.num_layers == -1 or cfg.num_layers >= 1, "num_layers", "must be -1 (all) or at least 1")
+    need(cfg.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+    need(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+    need(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
+    need(cfg.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
+    need(cfg.save_every >= 1, "save_every", "must be at least 1")
+    need(cfg.eval_limit >= 0, "eval_limit", "must be >= 0")
+    need(cfg.max_resample_rounds >= 0, "max_resample_rounds", "must be >= 0")
+    need(cfg.max_prompt_length is None or cfg.max_prompt_length >= 1, "max_prompt_length", "must be at least 1")
+    need(cfg.loss_type in LOSS_TYPES, "loss_type", f"must be one of {', '.join(LOSS_TYPES)}")
+    need(cfg.scale_rewards in SCALE_REWARDS, "scale_rewards", f"must be one of {', '.join(SCALE_REWARDS)}")
+    need(cfg.importance_sampling_level in IMPORTANCE_LEVELS, "importance_sampling_level", f"must be one of {', '.join(IMPORTANCE_LEVELS)}")
+    need(cfg.fine_tune_type in FINE_TUNE_TYPES, "fine_tune_type", f"must be one of {', '.join(FINE_TUNE_TYPES)}")
+    need(len(cfg.reward_functions) >= 1, "reward_functions", "name at least one reward function")
+    need(
+        cfg.reward_weights is None or len(cfg.reward_weights) == len(cfg.reward_functions),
+        "reward_weights",
+        f"needs one weight per reward function ({len(cfg.reward_functions)})",
+    )
+    n = cfg.batch_size * cfg.group_size
+    need(
+        cfg.gradient_accumulation_steps >= 1 and n % cfg.gradient_accumulation_steps == 0,
+        "gradient_accumulation_steps",
+        f"must be >= 1 and divide batch_size*group_size = {n}",
+    )
+
+
+def default_run_dir() -> str:
+    return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
