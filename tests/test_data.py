@@ -1,0 +1,322 @@
+import json
+import string
+import sys
+
+import pytest
+
+from grpo_mlx.data import (DataError, encode_prompt, format_prompt, load_hub_dataset, load_split,
+                           pick_split_files, prepare_examples)
+
+# ---------------------------------------------------------------- fixtures
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def make_tokenizer(chat_template=None, append_eos=False):
+    """A character-level tokenizer with <s> / </s>, built locally (no network)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[UNK]", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+    chars = list(string.printable)
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    single = "<s> $A </s>" if append_eos else "<s> $A"
+    tok.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])])
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                      unk_token="[UNK]", additional_special_tokens=specials[3:])
+    if chat_template:
+        wrapped.chat_template = chat_template
+    return wrapped
+
+
+CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n"
+        "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+NO_SYSTEM = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
+             "{{ raise_exception('System role not supported') }}{% endif %}"
+             "<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def error_of(fn, *args, **kwargs) -> str:
+    with pytest.raises(DataError) as info:
+        fn(*args, **kwargs)
+    return str(info.value)
+
+
+# ---------------------------------------------------------------- local loading
+
+
+def test_directory_of_splits(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": "1+1=", "answer": "2"},
+                                           {"prompt": "2+2=", "answer": "4"}])
+    write_jsonl(tmp_path / "valid.jsonl", [{"prompt": "3+3=", "answer": "6"}])
+    assert load_split(str(tmp_path), "train") == [{"prompt": "1+1=", "answer": "2"},
+                                                   {"prompt": "2+2=", "answer": "4"}]
+    assert load_split(str(tmp_path), "valid") == [{"prompt": "3+3=", "answer": "6"}]
+    assert load_split(str(tmp_path), "test", required=False) == []
+    message = error_of(load_split, str(tmp_path), "test")
+    assert "test.jsonl" in message and "train.jsonl, valid.jsonl" in message
+
+
+def test_single_file_is_train_only(tmp_path):
+    path = write_jsonl(tmp_path / "mine.jsonl", [{"prompt": "hi", "answer": 1}])
+    assert load_split(str(path), "train") == [{"prompt": "hi", "answer": 1}]
+    assert load_split(str(path), "valid", required=False) == []
+    assert "train split only" in error_of(load_split, str(path), "valid")
+
+
+def test_column_mapping_and_extra_columns(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [
+        {"question": "q1", "solution": "s1", "difficulty": 3, "tests": ["a", "b"]}])
+    [example] = load_split(str(tmp_path), "train", prompt_key="question", answer_key="solution")
+    assert example == {"prompt": "q1", "answer": "s1", "difficulty": 3, "tests": ["a", "b"]}
+
+
+def test_answer_optional_for_whole_file_but_consistent(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a"}, {"prompt": "b", "x": 1}])
+    assert load_split(str(tmp_path), "train") == [{"prompt": "a", "answer": None},
+                                                  {"prompt": "b", "x": 1, "answer": None}]
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a", "answer": "1"}, {"prompt": "b"}])
+    message = error_of(load_split, str(tmp_path), "train")
+    assert "train.jsonl:2:" in message and "missing key 'answer'" in message
+    # An explicitly named answer column that no row has is a typo, not an optional column.
+    message = error_of(load_split, str(tmp_path), "train", answer_key="solution")
+    assert "train.jsonl:1:" in message and "'solution'" in message
+
+
+def test_mapping_onto_existing_column_is_an_error(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [{"question": "q", "prompt": "p"}])
+    message = error_of(load_split, str(tmp_path), "train", prompt_key="question")
+    assert "train.jsonl:1:" in message and "'question'" in message and "'prompt'" in message
+
+
+def test_chat_message_prompts(tmp_path):
+    messages = [{"role": "system", "content": "be terse"}, {"role": "user", "content": "2+2?"}]
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": messages, "answer": "4"}])
+    assert load_split(str(tmp_path), "train")[0]["prompt"] == messages
+
+
+def test_blank_lines_skipped_and_line_numbers_kept(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"prompt": "a"}\n\n   \n{"nope": 1}\n\n', encoding="utf-8")
+    message = error_of(load_split, str(tmp_path), "train")
+    assert f"{path}:4: missing key 'prompt' (keys present: nope)" in message
+    assert "--prompt-key/--answer-key" in message
+    path.write_text('\ufeff{"prompt": "a"}\r\n\r\n{"prompt": "b"}', encoding="utf-8")
+    assert [e["prompt"] for e in load_split(str(tmp_path), "train")] == ["a", "b"]
+
+
+@pytest.mark.parametrize("line, expected", [
+    ('{"prompt": "a",}', ":2: not valid JSON (Expecting property name"),
+    ('["prompt", "a"]', ":2: expected a JSON object, got list"),
+    ('{"prompt": ""}', ":2: key 'prompt' is an empty string"),
+    ('{"prompt": 5}', ":2: key 'prompt' must be a non-empty string or a list"),
+    ('{"prompt": []}', ":2: key 'prompt' must be a non-empty string or a list"),
+    ('{"prompt": [{"role": "user"}]}', ":2: key 'prompt' message 0 must be an object with"),
+    ('{"prompt": [{"role": "bot", "content": "x"}]}', ":2: key 'prompt' message 0 has role 'bot'"),
+    ('{"prompt": [{"role": "user", "content": 3}]}', ":2: key 'prompt' message 0 content"),
+])
+def test_validation_errors_name_file_line_and_key(tmp_path, line, expected):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"prompt": "fine"}\n' + line + "\n", encoding="utf-8")
+    message = error_of(load_split, str(tmp_path), "train")
+    assert message.startswith(str(path)) and expected in message
+
+
+def test_non_utf8_bytes_name_the_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    message = error_of(load_split, str(tmp_path), "train")
+    assert f"{path}:2: not valid UTF-8 (byte 0xe9" in message
+
+
+def test_empty_file_is_an_error_when_required(tmp_path):
+    (tmp_path / "train.jsonl").write_text("\n\n", encoding="utf-8")
+    assert "no examples" in error_of(load_split, str(tmp_path), "train")
+    assert load_split(str(tmp_path), "train", required=False) == []
+
+
+def test_missing_path_that_is_no_hub_id(tmp_path):
+    assert "no such file" in error_of(load_split, str(tmp_path / "nope" / "x.jsonl"), "train")
+    assert "no such file" in error_of(load_split, "./nothing-here", "train")
+
+
+def test_json_list_file(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps([{"prompt": "a"}, {"q": "b"}]), encoding="utf-8")
+    assert f"{path}:row 2: missing key 'prompt'" in error_of(load_split, str(path), "train")
+    path.write_text(json.dumps([{"prompt": "a"}, {"prompt": "b"}]), encoding="utf-8")
+    assert [e["prompt"] for e in load_split(str(path), "train")] == ["a", "b"]
+
+
+# ---------------------------------------------------------------- the Hub (no network)
+
+
+def test_pick_split_files_layouts():
+    assert pick_split_files(["README.md", "train.jsonl", "test.jsonl"], "train") == ["train.jsonl"]
+    shards = ["data/train-00001-of-00002.jsonl", "data/train-00000-of-00002.jsonl",
+              "data/test-00000-of-00001.jsonl"]
+    assert pick_split_files(shards, "train") == sorted(shards[:2])
+    assert pick_split_files(["train.json", "data/train-0.parquet"], "train") == ["train.json"]
+    assert pick_split_files(["data/train-0.parquet", "data/test-0.parquet"], "test") == \
+        ["data/test-0.parquet"]
+    assert pick_split_files(["main/train-0.parquet", "main/test-0.parquet"], "train") == \
+        ["main/train-0.parquet"]
+    assert pick_split_files(["a/train-0.parquet", "default/train-0.parquet"], "train") == \
+        ["default/train-0.parquet"]
+    assert "several configs" in error_of(
+        pick_split_files, ["a/train-0.parquet", "b/train-0.parquet"], "train")
+    assert pick_split_files(["train.jsonl"], "validation") == []
+
+
+def fake_hub(monkeypatch, tmp_path, files: dict):
+    """Make huggingface_hub list and 'download' local files instead of using the network."""
+    import huggingface_hub
+
+    downloads = []
+    for name, rows in files.items():
+        write_jsonl(tmp_path / "hub" / name, rows)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files",
+                        lambda self, repo_id, repo_type=None: list(files))
+
+    def download(repo_id, filename, repo_type=None):
+        assert repo_type == "dataset"
+        downloads.append(filename)
+        return str(tmp_path / "hub" / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    return downloads
+
+
+def test_hub_load_through_load_split(monkeypatch, tmp_path):
+    downloads = fake_hub(monkeypatch, tmp_path, {
+        "data/train-00000-of-00002.jsonl": [{"question": "a", "answer": "1"}],
+        "data/train-00001-of-00002.jsonl": [{"question": "b", "answer": "2"}],
+        "data/validation-00000-of-00001.jsonl": [{"question": "c", "answer": "3"}],
+    })
+    monkeypatch.chdir(tmp_path)  # so "owner/name" is no local path
+    train = load_split("owner/name", "train", prompt_key="question")
+    assert train == [{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": "2"}]
+    assert load_split("owner/name", "valid", prompt_key="question") == [
+        {"prompt": "c", "answer": "3"}]  # "valid" falls back to the Hub's "validation"
+    assert downloads[-1] == "data/validation-00000-of-00001.jsonl"
+    assert load_hub_dataset("owner/name", "test", required=False) == []
+    assert "no files for the test split" in error_of(load_hub_dataset, "owner/name", "test")
+
+
+def test_hub_parquet_without_pyarrow(monkeypatch, tmp_path):
+    fake_hub(monkeypatch, tmp_path, {"data/train-0.parquet": []})
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow now raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    assert "pip install pyarrow" in error_of(load_hub_dataset, "owner/name", "train")
+
+
+def test_hub_network_error_becomes_data_error(monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise OSError("connection refused")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", offline)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    message = error_of(load_hub_dataset, "owner/name", "train")
+    assert "'owner/name'" in message and "connection refused" in message
+    assert "HF_HUB_OFFLINE" in message
+
+
+def test_hub_offline_uses_cached_snapshot(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    write_jsonl(tmp_path / "snap" / "train.jsonl", [{"prompt": "cached"}])
+
+    def offline(*args, **kwargs):
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", offline)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, repo_type, local_files_only: str(tmp_path / "snap"))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo_id, filename, repo_type: str(tmp_path / "snap" / filename))
+    assert load_hub_dataset("owner/name", "train") == [{"prompt": "cached", "answer": None}]
+
+
+# ---------------------------------------------------------------- prompts and token ids
+
+
+def test_format_prompt_with_chat_template():
+    tok = make_tokenizer(CHAT)
+    assert format_prompt(tok, "2+2=") == "<s><|user|>2+2=\n<|assistant|>"
+    assert format_prompt(tok, "2+2=", system_prompt="Be brief.") == \
+        "<s><|system|>Be brief.\n<|user|>2+2=\n<|assistant|>"
+    messages = [{"role": "system", "content": "Mine."}, {"role": "user", "content": "hi"}]
+    # A system message in the data wins over the configured system prompt.
+    assert format_prompt(tok, messages, system_prompt="Be brief.") == \
+        "<s><|system|>Mine.\n<|user|>hi\n<|assistant|>"
+
+
+def test_format_prompt_template_without_system_role():
+    tok = make_tokenizer(NO_SYSTEM)
+    assert format_prompt(tok, "hi", system_prompt="Be brief.") == \
+        "<s><|user|>Be brief.\n\nhi\n<|assistant|>"
+
+
+def test_format_prompt_without_chat_template():
+    tok = make_tokenizer()
+    assert format_prompt(tok, "12+34=") == "12+34="
+    assert format_prompt(tok, "12+34=", system_prompt="Add.") == "Add.\n\n12+34="
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "c"}]
+    assert format_prompt(tok, messages) == "a\nb\nc"
+
+
+def test_encode_prompt_has_exactly_one_bos():
+    bos = 1
+    chat = make_tokenizer(CHAT)
+    ids = encode_prompt(chat, format_prompt(chat, "hi"))
+    assert ids[0] == bos and ids[1] != bos and ids.count(bos) == 1
+    plain = make_tokenizer()
+    ids = encode_prompt(plain, format_prompt(plain, "hi"))
+    assert ids == [bos, plain.convert_tokens_to_ids("h"), plain.convert_tokens_to_ids("i")]
+    # A tokenizer that appends EOS must not end the prompt with it.
+    eos_adding = make_tokenizer(append_eos=True)
+    assert eos_adding.encode("hi")[-1] == eos_adding.eos_token_id
+    assert encode_prompt(eos_adding, "hi") == ids
+
+
+def test_through_mlx_lm_tokenizer_wrapper():
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    wrapper = TokenizerWrapper(make_tokenizer(CHAT))
+    text = format_prompt(wrapper, "hi", system_prompt="S")
+    assert text == "<s><|system|>S\n<|user|>hi\n<|assistant|>"
+    ids = encode_prompt(wrapper, text)
+    assert ids.count(1) == 1 and ids[0] == 1
+    assert format_prompt(TokenizerWrapper(make_tokenizer()), "hi", "S") == "S\n\nhi"
+
+
+def test_prepare_examples_adds_fields_and_enforces_length():
+    tok = make_tokenizer()
+    examples = [{"prompt": "ab", "answer": "x", "k": 1}, {"prompt": "abcdef", "answer": "y"}]
+    prepared = prepare_examples(examples, tok, max_prompt_length=7)
+    assert prepared[0] == {"prompt": "ab", "answer": "x", "k": 1, "prompt_text": "ab",
+                           "prompt_ids": encode_prompt(tok, "ab")}
+    assert len(prepared[1]["prompt_ids"]) == 7  # BOS + 6 characters
+    assert "prompt_text" not in examples[0]  # new dicts, inputs untouched
+    message = error_of(prepare_examples, examples, tok, max_prompt_length=6)
+    assert "example 1" in message and "7 tokens" in message and "6" in message
+
+
+def test_module_imports_no_mlx():
+    import subprocess
+
+    code = ("import sys, grpo_mlx.data; "
+            "bad = [m for m in ('mlx', 'mlx_lm', 'huggingface_hub') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
