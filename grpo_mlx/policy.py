@@ -1,0 +1,123 @@
+"""The policy: an mlx-lm model with LoRA/DoRA adapters, its reference, and teacher-forced
+log-probabilities.
+
+The reference policy for the KL term is the same model with its adapters switched off
+(`adapters_disabled`), never a second copy. Adapter files are mlx-lm's own format, so
+`mlx_lm.load(model, adapter_path=run_dir)` loads what we write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from grpo_mlx.loss import token_logprobs_from_logits
+
+
+class ModelLoadError(RuntimeError):
+    """The model path or repo id does not give an mlx-lm model."""
+
+
+def load_model(path_or_repo: str):
+    """mlx_lm.load with the failure modes a user meets turned into one clear sentence."""
+    from mlx_lm import load
+
+    local = Path(path_or_repo).expanduser()
+    looks_local = local.exists() or path_or_repo.startswith((".", "/", "~")) or path_or_repo.count("/") > 1
+    if looks_local:
+        if not local.exists():
+            raise ModelLoadError(f"model path does not exist: {path_or_repo}")
+        if not (local / "config.json").exists():
+            raise ModelLoadError(f"{path_or_repo} is not a model directory (no config.json in it)")
+    try:
+        model, tokenizer = load(str(local) if looks_local else path_or_repo)
+    except Exception as e:  # mlx-lm raises a mix of types for bad dirs, bad ids and no network
+        hint = "" if looks_local else " (a Hugging Face repo id; is the network or the HF cache available?)"
+        raise ModelLoadError(f"cannot load model '{path_or_repo}'{hint}: {type(e).__name__}: {e}") from None
+    return model, tokenizer
+
+
+def on_cpu() -> bool:
+    return mx.default_device() == mx.cpu
+
+
+def add_adapters(model: nn.Module, cfg) -> dict:
+    """Freeze the base model and add LoRA/DoRA layers through mlx-lm; return the
+    `adapter_config.json` contents that mlx-lm's `load_adapters` understands."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    if on_cpu():
+        # The CPU backend has a fast BLAS path only for float32 (shared/DESIGN.md §4).
+        model.set_dtype(mx.float32)
+    model.freeze()
+    num_layers = len(model.layers) if cfg.num_layers == -1 else min(cfg.num_layers, len(model.layers))
+    lora_parameters = {"rank": cfg.lora_rank, "scale": cfg.lora_scale, "dropout": cfg.lora_dropout}
+    if cfg.lora_keys:
+        lora_parameters["keys"] = list(cfg.lora_keys)
+    linear_to_lora_layers(model, num_layers, lora_parameters, use_dora=cfg.fine_tune_type == "dora")
+    n_trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    if n_trainable == 0:
+        raise ValueError(f"no adapter parameters were created (lora_keys={cfg.lora_keys}); check the keys")
+    return {
+        "model": cfg.model,
+        "fine_tune_type": cfg.fine_tune_type,
+        "num_layers": num_layers,
+        "lora_parameters": lora_parameters,
+    }
+
+
+def adapter_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for _, m in model.named_modules() if hasattr(m, "lora_a") and hasattr(m, "scale")]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run the base model: every adapter's scale set to 0 (exact for LoRA). For DoRA the
+    magnitude is also set to the base weight's row norms, which makes the layer the base layer.
+    Python floats are baked into the graph when it is built, so build the reference graph
+    inside this block; evaluating it later is fine. Never inside mx.compile."""
+    saved = []
+    for layer in adapter_layers(model):
+        saved.append((layer, layer.scale, getattr(layer, "m", None)))
+        layer.scale = 0.0
+        if getattr(layer, "m", None) is not None and hasattr(layer, "_dequantized_weight"):
+            layer.m = mx.linalg.norm(layer._dequantized_weight().astype(mx.float32), axis=1)
+    try:
+        yield model
+    finally:
+        for layer, scale, m in saved:
+            layer.scale = scale
+            if m is not None:
+                layer.m = m
+
+
+def completion_logprobs(model, tokens, prompt_lens, completion_len: int, temperature: float = 1.0):
+    """Teacher-forced log-probabilities of the completion tokens at logits / temperature.
+
+    tokens: (N, L) int, each row [prompt | completion | padding] (right-padded, so positions
+    need no mask); prompt_lens: (N,) int. Returns (N, T) with T = completion_len: entry (n, t)
+    is log p(tokens[n, p_n + t] | tokens[n, :p_n + t]).
+    """
+    logits = model(tokens[:, :-1])  # (N, L-1, V)
+    positions = prompt_lens[:, None] - 1 + mx.arange(completion_len)[None]  # (N, T)
+    positions = mx.minimum(positions, logits.shape[1] - 1)  # padded tail; masked by the caller
+    logits = mx.take_along_axis(logits, positions[..., None], axis=1)  # (N, T, V)
+    targets = mx.take_along_axis(tokens, positions + 1, axis=1)  # (N, T)
+    return token_logprobs_from_logits(logits, targets, temperature)  # (N, T)
+
+
+def save_adapters(model: nn.Module, adapter_config: dict, directory: str | os.PathLike) -> None:
+    """Write adapters.safetensors + adapter_config.json into `directory` (non-atomic; the
+    checkpoint module makes it atomic by writing into a fresh directory first)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = dict(tree_flatten(model.trainable_parameters()))
+    mx.save_safetensors(str(directory / "adapters.safetensors"), weights, metadata={"format": "mlx"})
+    with open(directory / "adapter_config.json", "w", encoding="utf-8") as f:
+        json.dump(adapter_config, f, indent=2)

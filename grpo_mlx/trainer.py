@@ -1,0 +1,455 @@
+"""The GRPO training loop: sample groups, score them, update the adapters.
+
+One step:  prompts -> group sampler -> rewards -> group advantages -> [reference pass]
+           -> mu x (loss + gradients over micro-batches -> clip -> AdamW) -> events, checkpoint
+
+The trainer reports only through the event bus (grpo_mlx.events); the headless progress bar,
+the JSONL files and the TUI are subscribers. Determinism: the random state is re-seeded from
+(seed, step) at the start of every step and the data order is a function of (seed, epoch), so a
+resumed run repeats exactly what an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_map
+
+from grpo_mlx import checkpoint, data, rewards
+from grpo_mlx.blas import blas_name
+from grpo_mlx.config import TrainConfig, default_run_dir, to_dict
+from grpo_mlx.events import EventBus, JsonlSink
+from grpo_mlx.loss import group_advantages, policy_loss
+from grpo_mlx.policy import adapters_disabled, add_adapters, completion_logprobs, load_model
+from grpo_mlx.sampler import Rollout, generate_groups
+
+BUCKET = 16  # pad sequence lengths to a multiple of this so the compiled step is rarely retraced
+
+
+class TrainingStopped(RuntimeError):
+    """The run ended early on purpose (a reward function failed); a checkpoint was saved."""
+
+
+@dataclass
+class Control:
+    """Between-step controls, set from another thread (the TUI)."""
+
+    stop: threading.Event = field(default_factory=threading.Event)
+    pause: threading.Event = field(default_factory=threading.Event)
+    save_now: threading.Event = field(default_factory=threading.Event)
+
+
+def step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step * 7919) % (2**31)
+
+
+def batch_at(n_examples: int, seed: int, position: int, count: int) -> list[int]:
+    """Indices `position .. position+count-1` of an endless stream of per-epoch shuffles."""
+    out = []
+    while len(out) < count:
+        epoch, offset = divmod(position + len(out), n_examples)
+        order = np.random.default_rng([seed, epoch]).permutation(n_examples)
+        out.extend(order[offset : offset + count - len(out)].tolist())
+    return out
+
+
+def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
+    total = max(cfg.iters * cfg.num_iterations, 1)
+    decay = optim.cosine_decay(cfg.learning_rate, max(total - cfg.warmup_steps, 1), cfg.learning_rate * cfg.min_lr_ratio)
+    schedule = decay
+    if cfg.warmup_steps > 0:
+        warmup = optim.linear_schedule(cfg.learning_rate / cfg.warmup_steps, cfg.learning_rate, cfg.warmup_steps)
+        schedule = optim.join_schedules([warmup, decay], [cfg.warmup_steps])
+    return optim.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
+
+
+def _round_up(n: int, k: int) -> int:
+    return max(k, -(-n // k) * k)
+
+
+def training_arrays(prompt_ids: list[list[int]], rollout: Rollout, group_size: int, pad_id: int):
+    """Right-padded [prompt | completion] rows for the teacher-forced pass.
+    Returns tokens (N, L), prompt_lens (N,), completion mask (N, T) as mx arrays."""
+    n, t = rollout.tokens.shape
+    t_pad = _round_up(t, BUCKET)
+    lens = np.repeat([len(p) for p in prompt_ids], group_size)  # (N,)
+    L = _round_up(int(lens.max()) + t_pad, BUCKET)
+    tokens = np.full((n, L), pad_id, dtype=np.int32)  # (N, L)
+    for row in range(n):
+        p = prompt_ids[row // group_size]
+        tokens[row, : len(p)] = p
+        tokens[row, len(p) : len(p) + t] = rollout.tokens[row]
+    mask = np.zeros((n, t_pad), dtype=np.float32)  # (N, T)
+    mask[:, :t] = rollout.mask
+    return mx.array(tokens), mx.array(lens.astype(np.int32)), mx.array(mask)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, bus: EventBus | None = None, control: Control | None = None):
+        self.cfg = cfg
+        self.bus = bus or EventBus()
+        self.control = control or Control()
+        self.run_dir = Path(cfg.resume or cfg.adapter_path or default_run_dir())
+        self.cfg.adapter_path = str(self.run_dir)
+
+    # ----------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.reward_fns = [
+            rewards.resolve_reward(spec, max_completion_length=cfg.max_completion_length)
+            for spec in cfg.reward_functions
+        ]
+        self.train_examples = data.load_split(cfg.data, "train", prompt_key=cfg.prompt_key, answer_key=cfg.answer_key)
+        self.eval_examples = []
+        if cfg.eval_limit > 0:
+            for split in dict.fromkeys([cfg.eval_split, "valid", "test"]):
+                found = data.load_split(cfg.data, split, prompt_key=cfg.prompt_key, answer_key=cfg.answer_key, required=False)
+                if found:
+                    self.eval_examples, self.eval_split_used = found[: cfg.eval_limit], split
+                    break
+        mx.random.seed(cfg.seed)
+        self.model, self.tokenizer = load_model(cfg.model)
+        self.adapter_config = add_adapters(self.model, cfg)
+        self.train_examples = data.prepare_examples(self.train_examples, self.tokenizer, cfg.system_prompt, cfg.max_prompt_length)
+        self.eval_examples = data.prepare_examples(self.eval_examples, self.tokenizer, cfg.system_prompt, cfg.max_prompt_length)
+        eos = sorted(self.tokenizer.eos_token_ids)
+        self.pad_id = eos[0] if eos else 0
+        self.optimizer = make_optimizer(cfg)
+        self.state = {"step": 0, "data_position": 0, "skipped_steps": 0}
+        if cfg.resume:
+            ckpt = checkpoint.latest_checkpoint(self.run_dir)
+            if ckpt is None:
+                raise FileNotFoundError(f"--resume {self.run_dir}: no complete checkpoint in {self.run_dir / 'checkpoints'}")
+            self.state.update(checkpoint.load_checkpoint(ckpt, self.model, self.optimizer))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "config.json", "w", encoding="utf-8") as f:
+            json.dump(to_dict(cfg), f, indent=2)
+        self._loss_and_grad = self._build_step()
+
+    def _build_step(self):
+        cfg = self.cfg
+        model = self.model
+
+        def loss_fn(tokens, prompt_lens, mask, advantages, old_logp, ref_logp, n_items):
+            logp = completion_logprobs(model, tokens, prompt_lens, mask.shape[1], cfg.temperature)  # (n, T)
+            old = mx.stop_gradient(logp) if old_logp is None else old_logp
+            loss, metrics = policy_loss(
+                logp, old, ref_logp, advantages, mask,
+                loss_type=cfg.loss_type, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+                beta=cfg.beta, importance_sampling_level=cfg.importance_sampling_level,
+                max_completion_length=cfg.max_completion_length, num_items_in_batch=n_items,
+            )
+            return loss, metrics, logp
+
+        value_and_grad = nn.value_and_grad(model, loss_fn)
+
+        def step(*args):
+            (loss, metrics, logp), grads = value_and_grad(*args)
+            return loss, metrics, logp, grads
+
+        state = [model.state, mx.random.state]
+        if os.environ.get("GRPO_MLX_NO_COMPILE"):
+            return step
+        return mx.compile(step, inputs=state, outputs=state)
+
+    # ----------------------------------------------------------------- pieces
+    def _prompts_for(self, examples):
+        return [ex["prompt"] for ex in examples]
+
+    def rollout(self, examples) -> Rollout:
+        cfg = self.cfg
+        return generate_groups(
+            self.model, self.tokenizer, [ex["prompt_ids"] for ex in examples], cfg.group_size,
+            cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p, cfg.stop,
+        )
+
+    def score(self, examples, roll: Rollout, group_size: int):
+        """Rewards of every completion, TRL-style: prompts and completions repeated per row,
+        every extra dataset column passed by name."""
+        rows = [ex for ex in examples for _ in range(group_size)]
+        conversational = [isinstance(ex["prompt"], list) for ex in rows]
+        prompts = [ex["prompt"] for ex in rows]
+        completions = [
+            [{"role": "assistant", "content": text}] if conv else text
+            for text, conv in zip(roll.texts, conversational)
+        ]
+        skip = {"prompt", "prompt_text", "prompt_ids"}
+        keys = [k for k in rows[0] if k not in skip] if rows else []
+        columns = {k: [ex.get(k) for ex in rows] for k in keys}
+        columns["completion_ids"] = [roll.tokens[i, : roll.lengths[i]].tolist() for i in range(len(rows))]
+        return rewards.compute_rewards(self.reward_fns, self.cfg.reward_weights, prompts, completions, columns)
+
+    def collect(self):
+        """Sample and score one step's batch; with dynamic sampling, replace groups whose
+        rewards are all equal (no learning signal) by fresh prompts, at most N extra rounds."""
+        cfg = self.cfg
+        G = cfg.group_size
+        kept = []  # (example, rollout rows slice data)
+        rounds = 0
+        n_sampled_groups = n_zero_std = 0
+        while True:
+            need = cfg.batch_size - len(kept)
+            idx = batch_at(len(self.train_examples), cfg.seed, self.state["data_position"], need)
+            self.state["data_position"] += need
+            examples = [self.train_examples[i] for i in idx]
+            t0 = time.perf_counter()
+            roll = self.rollout(examples)
+            self.timing["rollout"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            scored = self.score(examples, roll, G)
+            self.timing["rewards"] += time.perf_counter() - t0
+            totals = scored.total.reshape(len(examples), G)  # (b, G)
+            zero_std = np.ptp(totals, axis=1) == 0  # (b,)
+            n_sampled_groups += len(examples)
+            n_zero_std += int(zero_std.sum())
+            for b, ex in enumerate(examples):
+                rows = slice(b * G, (b + 1) * G)
+                group = dict(example=ex, rows=rows, roll=roll, scored=scored, zero_std=bool(zero_std[b]))
+                if not (cfg.dynamic_sampling and zero_std[b]):
+                    kept.append(group)
+            if not cfg.dynamic_sampling or len(kept) >= cfg.batch_size or rounds >= cfg.max_resample_rounds:
+                break
+            rounds += 1
+        if not kept:  # every group was flat even after resampling: train on the last round
+            kept = [dict(example=ex, rows=slice(b * G, (b + 1) * G), roll=roll, scored=scored, zero_std=True)
+                    for b, ex in enumerate(examples)]
+        return kept, dict(resample_rounds=rounds, frac_reward_zero_std=n_zero_std / max(n_sampled_groups, 1))
+
+    # ----------------------------------------------------------------- one step
+    def train_step(self, step: int) -> dict:
+        cfg = self.cfg
+        G = cfg.group_size
+        self.timing = {"rollout": 0.0, "rewards": 0.0, "reference": 0.0, "update": 0.0}
+        t_step = time.perf_counter()
+        mx.random.seed(step_seed(cfg.seed, step))
+        mx.reset_peak_memory()
+        groups, sample_stats = self.collect()
+        examples = [g["example"] for g in groups]
+
+        # gather the kept groups' rows into one batch
+        roll = _concat_rollouts([_slice_rollout(g["roll"], g["rows"]) for g in groups])
+        totals = np.concatenate([g["scored"].total[g["rows"]] for g in groups])  # (N,)
+        per_fn = {name: np.concatenate([g["scored"].per_function[name][g["rows"]] for g in groups])
+                  for name in groups[0]["scored"].per_function}
+        B = len(groups)
+        adv = group_advantages(mx.array(totals.reshape(B, G), dtype=mx.float32), cfg.scale_rewards)  # (B, G)
+        adv = adv.reshape(-1)  # (N,)
+        tokens, prompt_lens, mask = training_arrays([ex["prompt_ids"] for ex in examples], roll, G, self.pad_id)
+
+        t0 = time.perf_counter()
+        ref_logp = None
+        if cfg.beta > 0:
+            self.model.eval()  # no adapter dropout in the reference pass
+            with adapters_disabled(self.model):
+                ref_logp = mx.stop_gradient(completion_logprobs(self.model, tokens, prompt_lens, mask.shape[1], cfg.temperature))
+            mx.eval(ref_logp)
+            self.model.train()
+        self.timing["reference"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        k = cfg.gradient_accumulation_steps
+        n = tokens.shape[0]
+        micro = [slice(i * n // k, (i + 1) * n // k) for i in range(k)]
+        n_items = mask.sum() / k  # dapo: each micro-batch normalised by the whole batch's tokens
+        old_logps = [None] * k
+        losses, metric_sums, grad_norms = [], {}, []
+        self.model.train()
+        for it in range(cfg.num_iterations):
+            acc = None
+            for j, sl in enumerate(micro):
+                loss, metrics, logp, grads = self._loss_and_grad(
+                    tokens[sl], prompt_lens[sl], mask[sl], adv[sl], old_logps[j],
+                    None if ref_logp is None else ref_logp[sl], n_items,
+                )
+                if it == 0 and cfg.num_iterations > 1:
+                    old_logps[j] = mx.stop_gradient(logp)  # "old" policy = the first pass
+                acc = grads if acc is None else tree_map(mx.add, acc, grads)
+                losses.append(loss)
+                for key, v in metrics.items():
+                    metric_sums.setdefault(key, []).append(v)
+            if k > 1:
+                acc = tree_map(lambda g: g / k, acc)
+            if cfg.max_grad_norm > 0:
+                acc, norm = optim.clip_grad_norm(acc, cfg.max_grad_norm)
+            else:
+                norm = mx.sqrt(sum((g * g).sum() for g in _leaves(acc)))
+            grad_norms.append(norm)
+            self.optimizer.update(self.model, acc)
+            mx.eval(self.model.trainable_parameters(), self.optimizer.state, losses, grad_norms, metric_sums)
+        self.timing["update"] = time.perf_counter() - t0
+
+        lengths = roll.lengths
+        n_gen = int(lengths.sum())
+        step_time = time.perf_counter() - t_step
+        metrics = {
+            "reward": float(totals.mean()),
+            "reward_std": float(totals.reshape(B, G).std(axis=1, ddof=1).mean()),
+            "frac_reward_zero_std": sample_stats["frac_reward_zero_std"],
+            "loss": float(mx.mean(mx.stack(losses)).item()),
+            "grad_norm": float(mx.mean(mx.stack(grad_norms)).item()),
+            "learning_rate": float(self.optimizer.learning_rate.item()),
+            "completions/mean_length": float(lengths.mean()),
+            "completions/min_length": int(lengths.min()),
+            "completions/max_length": int(lengths.max()),
+            "completions/clipped_ratio": float(np.mean([r == "length" for r in roll.finish_reasons])),
+            "num_tokens": n_gen,
+            "step_time": step_time,
+            "tokens_per_second": n_gen / max(self.timing["rollout"], 1e-9),
+            "peak_memory_gb": mx.get_peak_memory() / 1e9,
+            **{f"time/{k_}": v for k_, v in self.timing.items()},
+        }
+        if cfg.dynamic_sampling:
+            metrics["resample_rounds"] = sample_stats["resample_rounds"]
+        for key, vals in metric_sums.items():
+            metrics[key] = float(mx.mean(mx.stack(vals)).item())
+        for name, vals in per_fn.items():
+            finite = vals[~np.isnan(vals)]
+            metrics[f"rewards/{name}/mean"] = float(finite.mean()) if finite.size else float("nan")
+            metrics[f"rewards/{name}/std"] = float(finite.std(ddof=1)) if finite.size > 1 else 0.0
+        self._emit_samples(step, examples, roll, per_fn, totals, np.array(adv))
+        return metrics
+
+    def _emit_samples(self, step, examples, roll, per_fn, totals, adv):
+        G = self.cfg.group_size
+        limit = len(examples) if self.cfg.samples_per_step < 0 else min(self.cfg.samples_per_step, len(examples))
+        groups = []
+        for b in range(limit):
+            ex = examples[b]
+            comps = []
+            for g in range(G):
+                i = b * G + g
+                comps.append(dict(
+                    text=roll.texts[i],
+                    rewards={name: (None if math.isnan(v[i]) else float(v[i])) for name, v in per_fn.items()},
+                    reward=float(totals[i]), advantage=float(adv[i]),
+                    length=int(roll.lengths[i]), finish_reason=roll.finish_reasons[i],
+                ))
+            groups.append(dict(prompt=ex["prompt"], prompt_text=ex["prompt_text"], answer=ex.get("answer"), completions=comps))
+        self.bus.emit("samples", step=step, groups=groups)
+
+    # ----------------------------------------------------------------- evaluation
+    def evaluate(self, examples, batch: int = 64) -> dict:
+        """Greedy held-out score: exact-answer accuracy (when answers exist) and mean reward."""
+        if not examples:
+            return {}
+        self.model.eval()
+        hits, totals = [], []
+        for i in range(0, len(examples), batch):
+            chunk = examples[i : i + batch]
+            roll = generate_groups(self.model, self.tokenizer, [ex["prompt_ids"] for ex in chunk], 1,
+                                   self.cfg.max_completion_length, temperature=0.0, stop=self.cfg.stop)
+            for ex, text in zip(chunk, roll.texts):
+                if ex.get("answer") is not None:
+                    hits.append(rewards.answers_match(rewards.extract_answer(text), ex["answer"]))
+            totals.extend(self.score(chunk, roll, 1).total.tolist())
+        self.model.train()
+        out = {"n": len(examples), "mean_reward": float(np.mean(totals))}
+        if hits:
+            out["accuracy"] = float(np.mean(hits))
+        return out
+
+    # ----------------------------------------------------------------- the loop
+    def save(self, step: int) -> None:
+        path = checkpoint.save_checkpoint(self.run_dir, step, self.model, self.adapter_config, self.optimizer,
+                                          {k: v for k, v in self.state.items() if k != "step"})
+        self.bus.emit("checkpoint", step=step, path=str(path))
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.setup()
+        start = int(self.state["step"])
+        sink = JsonlSink(str(self.run_dir))
+        self.bus.subscribe(sink)
+        try:
+            return self._loop(start)
+        finally:
+            sink.close()
+
+    def _loop(self, start: int) -> dict:
+        cfg = self.cfg
+        self.bus.emit("start", run_dir=str(self.run_dir), config=to_dict(cfg), total_steps=cfg.iters,
+                      start_step=start, blas=blas_name(), model=cfg.model,
+                      train_examples=len(self.train_examples), eval_examples=len(self.eval_examples))
+        if cfg.num_iterations == 1:
+            self.bus.emit("message", level="info", text="num_iterations = 1: the importance ratio is exactly 1, so clipping never acts (clip_ratio reads 0).")
+        summary: dict = {"run_dir": str(self.run_dir)}
+        before = self.evaluate(self.eval_examples) if start == 0 or cfg.resume is None else {}
+        if before:
+            self.bus.emit("eval", step=start, name="before", metrics=before)
+        status, step = "finished", start
+        try:
+            for step in range(start, cfg.iters):
+                while self.control.pause.is_set() and not self.control.stop.is_set():
+                    time.sleep(0.1)
+                if self.control.stop.is_set():
+                    status = "stopped"
+                    break
+                try:
+                    metrics = self.train_step(step)
+                except rewards.RewardFunctionError as e:
+                    self.save(step)
+                    self.bus.emit("message", level="error", text=f"{e}. Checkpoint saved at step {step}; resume with --resume {self.run_dir}")
+                    raise TrainingStopped(str(e)) from e
+                self.state["step"] = step + 1
+                self.bus.emit("step", step=step + 1, metrics=metrics)
+                if (step + 1) % cfg.save_every == 0 or self.control.save_now.is_set():
+                    self.control.save_now.clear()
+                    self.save(step + 1)
+            else:
+                step = cfg.iters
+            if self.state["step"] > start or cfg.iters == start:
+                self.save(int(self.state["step"]))
+        except KeyboardInterrupt:
+            self.save(int(self.state["step"]))
+            self.bus.emit("end", step=int(self.state["step"]), summary=summary, status="interrupted")
+            raise
+        after = self.evaluate(self.eval_examples)
+        if after:
+            self.bus.emit("eval", step=int(self.state["step"]), name="after", metrics=after)
+        summary.update(steps=int(self.state["step"]), status=status)
+        if before:
+            summary.update({f"{k}_before": v for k, v in before.items() if k != "n"})
+        if after:
+            summary.update({f"{k}_after": v for k, v in after.items() if k != "n"})
+            summary["eval_examples"] = after["n"]
+        with open(self.run_dir / "summary.json", "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+        self.bus.emit("end", step=int(self.state["step"]), summary=summary, status=status)
+        return summary
+
+
+def _leaves(tree):
+    from mlx.utils import tree_flatten
+
+    return [v for _, v in tree_flatten(tree)]
+
+
+def _slice_rollout(roll: Rollout, rows: slice) -> Rollout:
+    return Rollout(roll.tokens[rows], roll.logprobs[rows], roll.lengths[rows], roll.finish_reasons[rows],
+                   roll.texts[rows], roll.prompt_tokens)
+
+
+def _concat_rollouts(parts: list[Rollout]) -> Rollout:
+    t = max(p.tokens.shape[1] for p in parts)
+
+    def pad(a, value):
+        return np.pad(a, ((0, 0), (0, t - a.shape[1])), constant_values=value)
+
+    return Rollout(
+        np.concatenate([pad(p.tokens, 0) for p in parts]),
+        np.concatenate([pad(p.logprobs, 0.0) for p in parts]),
+        np.concatenate([p.lengths for p in parts]),
+        [r for p in parts for r in p.finish_reasons],
+        [s for p in parts for s in p.texts],
+        sum({id(p.tokens.base): p.prompt_tokens for p in parts}.values()),
+    )
