@@ -40,7 +40,14 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="Show Python tracebacks on errors.")
 
 
+# Other commands live in their own modules, each with `HELP`, `add_arguments(parser)` and
+# `run(args) -> int`. Those modules must import cheaply (MLX only inside `run`).
+COMMANDS: dict[str, str] = {}
+
+
 def make_parser() -> argparse.ArgumentParser:
+    import importlib
+
     parser = argparse.ArgumentParser(
         prog="grpo-mlx",
         description="GRPO training of language models with LoRA adapters on MLX. "
@@ -49,6 +56,12 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     train = sub.add_parser("train", help="Train adapters with GRPO (headless, with a progress bar).")
     add_config_flags(train)
+    train.set_defaults(func=cmd_train)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        command = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(command)
+        command.set_defaults(func=module.run)
     return parser
 
 
@@ -196,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        return {"train": cmd_train}[args.command](args)
+        return args.func(args)
     except KeyboardInterrupt:
         print("\ninterrupted; the last checkpoint is kept (resume with --resume RUN_DIR)", file=sys.stderr)
         return 130
