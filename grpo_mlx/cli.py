@@ -8,9 +8,11 @@ BLAS has been loaded (grpo_mlx.blas).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 
@@ -133,6 +135,9 @@ class ProgressPrinter:
 
     def _step(self, event: dict) -> None:
         step, m = event["step"], event["metrics"]
+        if m.get("skipped"):
+            self.write(f"step {step}/{self.total} skipped")
+            return
         self.recent = (self.recent + [m["step_time"]])[-20:]
         per_step = sum(self.recent) / len(self.recent)
         eta = per_step * (self.total - step)
@@ -170,8 +175,30 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     bus = EventBus()
     bus.subscribe(ProgressPrinter())
-    Trainer(cfg, bus).run()
-    return 0
+    trainer = Trainer(cfg, bus)
+    with graceful_stop(trainer.control):
+        summary = trainer.run()
+    return 0 if summary.get("status") != "stopped" else 130
+
+
+@contextlib.contextmanager
+def graceful_stop(control):
+    """First Ctrl-C or SIGTERM: finish the current step, save, exit. A second Ctrl-C aborts at
+    once (the last saved checkpoint stays intact)."""
+
+    def handler(signum, frame):
+        if control.stop.is_set():
+            raise KeyboardInterrupt
+        control.stop.set()
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: stopping after this step and saving (Ctrl-C again to abort now)", file=sys.stderr, flush=True)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -211,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("\ninterrupted; the last checkpoint is kept (resume with --resume RUN_DIR)", file=sys.stderr)
+        print("\naborted; the last saved checkpoint is intact (continue with --resume RUN_DIR)", file=sys.stderr)
         return 130
     except Exception as e:
         if getattr(args, "debug", False) or not isinstance(e, user_errors()):

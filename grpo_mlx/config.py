@@ -86,6 +86,11 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this (0 = off).")
     gradient_accumulation_steps: int = _f(1, "Split each step's B*G completions into this many micro-batches.")
 
+    # --- faults
+    reward_error_policy: str = _f("stop", "When a reward function fails: stop (save a checkpoint and exit) or skip (skip the step).")
+    reward_timeout: float = _f(60.0, "Seconds a reward function may take on one batch before it counts as failed (0 = no limit).")
+    max_bad_steps: int = _f(3, "Stop after this many skipped steps in a row (non-finite loss or gradients, failing rewards).")
+
     # --- reporting and checkpoints
     save_every: int = _f(50, "Save a checkpoint every N steps (and always at the end).")
     samples_per_step: int = _f(4, "Groups per step written to samples.jsonl and shown live (-1 = all).")
@@ -248,6 +253,9 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
     need(cfg.save_every >= 1, "save_every", "must be at least 1")
     need(cfg.eval_limit >= 0, "eval_limit", "must be >= 0")
+    need(cfg.reward_error_policy in ("stop", "skip"), "reward_error_policy", "must be stop or skip")
+    need(cfg.reward_timeout >= 0, "reward_timeout", "must be >= 0")
+    need(cfg.max_bad_steps >= 1, "max_bad_steps", "must be at least 1")
     need(cfg.max_resample_rounds >= 0, "max_resample_rounds", "must be >= 0")
     need(cfg.max_prompt_length is None or cfg.max_prompt_length >= 1, "max_prompt_length", "must be at least 1")
     need(cfg.loss_type in LOSS_TYPES, "loss_type", f"must be one of {', '.join(LOSS_TYPES)}")

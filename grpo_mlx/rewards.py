@@ -27,6 +27,7 @@ import numbers
 import os
 import re
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -346,9 +347,34 @@ def _validate(name: str, values: Any, completions: list) -> np.ndarray:
     return out
 
 
+def _call_with_timeout(fn: RewardFn, timeout: float | None, **kwargs):
+    """Run fn in a worker thread and wait at most `timeout` seconds. A Python thread cannot be
+    killed: a hung function is abandoned (daemon thread) and reported; the run stops or skips."""
+    if not timeout:
+        return fn(**kwargs)
+    result: dict = {}
+
+    def target():
+        try:
+            result["value"] = fn(**kwargs)
+        except BaseException as e:  # handed to the caller's thread
+            result["error"] = e
+
+    worker = threading.Thread(target=target, daemon=True, name="reward-function")
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise TimeoutError(f"no result after {timeout:g} s")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
 def compute_rewards(reward_fns: list[tuple[str, RewardFn]], weights: list[float] | None,
-                    prompts: list, completions: list, columns: dict[str, list]) -> RewardResult:
-    """Call each function once on the whole batch; validate; weighted sum with None as 0."""
+                    prompts: list, completions: list, columns: dict[str, list],
+                    timeout: float | None = None) -> RewardResult:
+    """Call each function once on the whole batch (at most `timeout` seconds each); validate;
+    weighted sum with None as 0."""
     weights = [1.0] * len(reward_fns) if weights is None else list(weights)
     if len(weights) != len(reward_fns):
         raise ValueError(f"{len(weights)} reward weights for {len(reward_fns)} reward functions")
@@ -361,7 +387,7 @@ def compute_rewards(reward_fns: list[tuple[str, RewardFn]], weights: list[float]
         while key in per_function:  # the same function twice, e.g. with different options
             key, k = f"{name}_{k}", k + 1
         try:
-            values = fn(prompts=prompts, completions=completions, **columns)
+            values = _call_with_timeout(fn, timeout, prompts=prompts, completions=completions, **columns)
         except Exception as e:
             text = _preview(completions, 0)
             raise RewardFunctionError(f"reward function {name!r} failed: {type(e).__name__}: {e} "

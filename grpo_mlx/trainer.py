@@ -187,7 +187,8 @@ class Trainer:
         keys = [k for k in rows[0] if k not in skip] if rows else []
         columns = {k: [ex.get(k) for ex in rows] for k in keys}
         columns["completion_ids"] = [roll.tokens[i, : roll.lengths[i]].tolist() for i in range(len(rows))]
-        return rewards.compute_rewards(self.reward_fns, self.cfg.reward_weights, prompts, completions, columns)
+        return rewards.compute_rewards(self.reward_fns, self.cfg.reward_weights, prompts, completions, columns,
+                                       timeout=self.cfg.reward_timeout)
 
     def collect(self):
         """Sample and score one step's batch; with dynamic sampling, replace groups whose
@@ -284,8 +285,14 @@ class Trainer:
             else:
                 norm = mx.sqrt(sum((g * g).sum() for g in _leaves(acc)))
             grad_norms.append(norm)
+            mx.eval(norm, losses)
+            if not (math.isfinite(norm.item()) and all(math.isfinite(x.item()) for x in losses)):
+                # never apply a non-finite update: skip the rest of this step, count it
+                self.state["skipped_steps"] += 1
+                self.bus.emit("message", level="warning", text=f"step {step + 1}: non-finite loss or gradient norm; update skipped")
+                return {"skipped": 1, "loss": float("nan"), "grad_norm": float(norm.item())}
             self.optimizer.update(self.model, acc)
-            mx.eval(self.model.trainable_parameters(), self.optimizer.state, losses, grad_norms, metric_sums)
+            mx.eval(self.model.trainable_parameters(), self.optimizer.state, metric_sums)
         self.timing["update"] = time.perf_counter() - t0
 
         lengths = roll.lengths
@@ -386,33 +393,49 @@ class Trainer:
         before = self.evaluate(self.eval_examples) if start == 0 or cfg.resume is None else {}
         if before:
             self.bus.emit("eval", step=start, name="before", metrics=before)
-        status, step = "finished", start
-        try:
-            for step in range(start, cfg.iters):
-                while self.control.pause.is_set() and not self.control.stop.is_set():
-                    time.sleep(0.1)
-                if self.control.stop.is_set():
-                    status = "stopped"
-                    break
-                try:
-                    metrics = self.train_step(step)
-                except rewards.RewardFunctionError as e:
+        status = "finished"
+        bad_in_a_row = 0
+        for step in range(start, cfg.iters):
+            while self.control.pause.is_set() and not self.control.stop.is_set():
+                time.sleep(0.1)
+            if self.control.stop.is_set():
+                status = "stopped"
+                break
+            position = self.state["data_position"]
+            try:
+                metrics = self.train_step(step)
+            except rewards.RewardFunctionError as e:
+                if cfg.reward_error_policy == "skip":
+                    self.state["skipped_steps"] += 1
+                    self.bus.emit("message", level="warning", text=f"step {step + 1} skipped: {e}")
+                    metrics = {"skipped": 1}
+                else:
+                    # nothing of this step was applied: save as it was when the step began
+                    self.state["data_position"] = position
                     self.save(step)
-                    self.bus.emit("message", level="error", text=f"{e}. Checkpoint saved at step {step}; resume with --resume {self.run_dir}")
-                    raise TrainingStopped(str(e)) from e
-                self.state["step"] = step + 1
-                self.bus.emit("step", step=step + 1, metrics=metrics)
-                if (step + 1) % cfg.save_every == 0 or self.control.save_now.is_set():
-                    self.control.save_now.clear()
-                    self.save(step + 1)
-            else:
-                step = cfg.iters
-            if self.state["step"] > start or cfg.iters == start:
-                self.save(int(self.state["step"]))
-        except KeyboardInterrupt:
+                    raise TrainingStopped(f"{e}. Checkpoint saved at step {step}; resume with --resume {self.run_dir}") from e
+            except BaseException:
+                self.state["data_position"] = position  # an abandoned step leaves no trace
+                raise
+            bad_in_a_row = bad_in_a_row + 1 if metrics.get("skipped") else 0
+            self.state["step"] = step + 1
+            self.bus.emit("step", step=step + 1, metrics=metrics)
+            if bad_in_a_row >= cfg.max_bad_steps:
+                self.save(step + 1)
+                raise TrainingStopped(
+                    f"{bad_in_a_row} steps in a row were skipped (non-finite loss or gradients, or failing rewards); "
+                    f"stopped with the last good adapters saved at step {step + 1} in {self.run_dir}"
+                )
+            if (step + 1) % cfg.save_every == 0 or self.control.save_now.is_set():
+                self.control.save_now.clear()
+                self.save(step + 1)
+        if self.state["step"] > start or cfg.iters == start:
             self.save(int(self.state["step"]))
-            self.bus.emit("end", step=int(self.state["step"]), summary=summary, status="interrupted")
-            raise
+        if status == "stopped":
+            self.bus.emit("message", level="info", text=f"stopped at step {self.state['step']}; continue with: grpo-mlx train --resume {self.run_dir}")
+            summary.update(steps=int(self.state["step"]), status=status)
+            self.bus.emit("end", step=int(self.state["step"]), summary=summary, status=status)
+            return summary
         after = self.evaluate(self.eval_examples)
         if after:
             self.bus.emit("eval", step=int(self.state["step"]), name="after", metrics=after)
