@@ -22,6 +22,10 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from grpo_mlx.policy import save_adapters
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (full disk, permissions); earlier ones are intact."""
+
+
 KEEP = 3  # complete checkpoints kept; adapters are small, optimizer state is twice that
 
 

@@ -211,6 +211,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         errors.append(sys.modules["grpo_mlx.policy"].ModelLoadError)
     if "grpo_mlx.trainer" in sys.modules:
         errors.append(sys.modules["grpo_mlx.trainer"].TrainingStopped)
+        errors.append(sys.modules["grpo_mlx.checkpoint"].CheckpointError)
     return tuple(errors)
 
 

@@ -66,7 +66,7 @@ class TrainConfig:
     top_k: int = _f(0, "Sample only among the k most likely tokens (0 = off).")
     min_p: float = _f(0.0, "Drop tokens below min-p times the top token's probability (0 = off).")
     stop: list = _f([], "Stop strings that end a completion (EOS always does).")
-    reward_functions: list = _f(["accuracy"], "Reward functions: built-in names (accuracy, format, overlong, length), file.py:function or module:function.")
+    reward_functions: list = _f(["accuracy"], "Reward functions: built-in names (accuracy, format, format_soft, overlong, length, code), file.py:function or module:function.")
     reward_weights: Optional[list] = _f(None, "Weight of each reward function (default: all 1).")
     scale_rewards: str = _f("group", "Advantage scaling: group (z-score in group), batch (batch std), none (Dr. GRPO).")
     loss_type: str = _f("grpo", "Loss aggregation: grpo, bnpo, dr_grpo or dapo.")
@@ -96,6 +96,7 @@ class TrainConfig:
     samples_per_step: int = _f(4, "Groups per step written to samples.jsonl and shown live (-1 = all).")
     eval_limit: int = _f(200, "Held-out prompts scored greedily before and after training (0 = skip).")
     eval_split: str = _f("test", "Split used for the before/after evaluation (falls back to valid).")
+    eval_every: int = _f(0, "Also score the held-out prompts greedily every N steps, as an `eval` event (0 = only before and after).")
 
     @property
     def is_demo(self) -> bool:
@@ -231,6 +232,7 @@ def validate(cfg: TrainConfig) -> None:
         if not ok:
             raise ConfigError(f"'{key}' = {getattr(cfg, key)!r}: {why}")
 
+    need(cfg.data is not None, "data", "required when a model is given: a directory of train/valid/test.jsonl, a .jsonl file or a Hugging Face dataset id")
     need(cfg.group_size >= 2, "group_size", "must be at least 2 (advantages compare completions within a group)")
     need(cfg.batch_size >= 1, "batch_size", "must be at least 1")
     need(cfg.iters >= 0, "iters", "must be >= 0")
@@ -253,6 +255,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
     need(cfg.save_every >= 1, "save_every", "must be at least 1")
     need(cfg.eval_limit >= 0, "eval_limit", "must be >= 0")
+    need(cfg.eval_every >= 0, "eval_every", "must be >= 0 (0 = no periodic evaluation)")
     need(cfg.reward_error_policy in ("stop", "skip"), "reward_error_policy", "must be stop or skip")
     need(cfg.reward_timeout >= 0, "reward_timeout", "must be >= 0")
     need(cfg.max_bad_steps >= 1, "max_bad_steps", "must be at least 1")

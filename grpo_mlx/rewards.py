@@ -224,9 +224,16 @@ def length_reward(max_completion_length: int | None = None, **_) -> RewardFn:
     return length
 
 
+def code_reward(**options) -> RewardFn:
+    """Generated Python run against the example's `tests` column in a sandboxed process."""
+    from grpo_mlx.sandbox import code_reward as make
+
+    return make(**{k: v for k, v in options.items() if k in ("timeout", "memory_mb", "tests_column")})
+
+
 BUILTIN_REWARDS: dict[str, Callable[..., RewardFn]] = {
     "accuracy": accuracy_reward, "format": format_reward, "format_soft": format_soft_reward,
-    "overlong": overlong_reward, "length": length_reward,
+    "overlong": overlong_reward, "length": length_reward, "code": code_reward,
 }
 
 

@@ -122,6 +122,9 @@ class Trainer:
         self.adapter_config = add_adapters(self.model, cfg)
         self.train_examples = data.prepare_examples(self.train_examples, self.tokenizer, cfg.system_prompt, cfg.max_prompt_length)
         self.eval_examples = data.prepare_examples(self.eval_examples, self.tokenizer, cfg.system_prompt, cfg.max_prompt_length)
+        self._check_context()
+        if not data.has_chat_template(self.tokenizer):
+            self.bus.emit("message", level="warning", text=f"{cfg.model} has no chat template: prompts are used as plain text")
         eos = sorted(self.tokenizer.eos_token_ids)
         self.pad_id = eos[0] if eos else 0
         self.optimizer = make_optimizer(cfg)
@@ -135,6 +138,21 @@ class Trainer:
         with open(self.run_dir / "config.json", "w", encoding="utf-8") as f:
             json.dump(to_dict(cfg), f, indent=2)
         self._loss_and_grad = self._build_step()
+
+    def _check_context(self) -> None:
+        """Refuse before training when a prompt plus a full completion cannot fit the model."""
+        context = getattr(getattr(self.model, "args", None), "max_position_embeddings", None)
+        if not context:
+            return
+        for split, examples in (("train", self.train_examples), ("held-out", self.eval_examples)):
+            for i, ex in enumerate(examples):
+                n = len(ex["prompt_ids"])
+                if n + self.cfg.max_completion_length > context:
+                    raise data.DataError(
+                        f"{self.cfg.data}: {split} example {i} has {n} prompt tokens; with max_completion_length "
+                        f"{self.cfg.max_completion_length} that exceeds the model's context of {context} tokens "
+                        f"(shorten the prompt, lower --max-completion-length, or drop long prompts with --max-prompt-length)"
+                    )
 
     def _build_step(self):
         cfg = self.cfg
@@ -367,8 +385,14 @@ class Trainer:
 
     # ----------------------------------------------------------------- the loop
     def save(self, step: int) -> None:
-        path = checkpoint.save_checkpoint(self.run_dir, step, self.model, self.adapter_config, self.optimizer,
-                                          {k: v for k, v in self.state.items() if k != "step"})
+        try:
+            path = checkpoint.save_checkpoint(self.run_dir, step, self.model, self.adapter_config, self.optimizer,
+                                              {k: v for k, v in self.state.items() if k != "step"})
+        except OSError as e:
+            last = checkpoint.latest_checkpoint(self.run_dir)
+            kept = f"the previous checkpoint {last} is intact" if last else "no earlier checkpoint exists"
+            raise checkpoint.CheckpointError(f"cannot save the checkpoint of step {step} in {self.run_dir}: "
+                                             f"{e.strerror or e}; {kept}") from e
         self.bus.emit("checkpoint", step=step, path=str(path))
 
     def run(self) -> dict:
@@ -429,6 +453,8 @@ class Trainer:
             if (step + 1) % cfg.save_every == 0 or self.control.save_now.is_set():
                 self.control.save_now.clear()
                 self.save(step + 1)
+            if cfg.eval_every and self.eval_examples and (step + 1) % cfg.eval_every == 0:
+                self.bus.emit("eval", step=step + 1, name="periodic", metrics=self.evaluate(self.eval_examples))
         if self.state["step"] > start or cfg.iters == start:
             self.save(int(self.state["step"]))
         if status == "stopped":

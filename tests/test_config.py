@@ -16,6 +16,11 @@ def test_no_arguments_is_the_demo():
     assert cfg.learning_rate == DEMO_DEFAULTS["learning_rate"]
 
 
+def test_user_model_needs_data():
+    with pytest.raises(ConfigError, match="'data'"):
+        build_config({"model": "Qwen/Qwen2.5-0.5B-Instruct"})
+
+
 def test_user_model_does_not_get_demo_defaults():
     cfg = build_config({"model": "Qwen/Qwen2.5-0.5B-Instruct", "data": "./task"})
     assert cfg.learning_rate == 1e-5 and cfg.num_layers == 16 and not cfg.is_demo
