@@ -57,8 +57,10 @@ def _copy_atomic(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def save_checkpoint(run_dir, step: int, model, adapter_config: dict, optimizer, state: dict) -> Path:
-    """Write checkpoint `step` atomically and publish its adapters at the top of run_dir."""
+def save_checkpoint(run_dir, step: int, model, adapter_config: dict, optimizer, state: dict,
+                    extra: dict | None = None) -> Path:
+    """Write checkpoint `step` atomically and publish its adapters at the top of run_dir.
+    `extra` maps a name to arrays saved beside them as `<name>.safetensors`."""
     run_dir = Path(run_dir)
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -70,6 +72,8 @@ def save_checkpoint(run_dir, step: int, model, adapter_config: dict, optimizer, 
         save_adapters(model, adapter_config, tmp)
         opt_state = dict(tree_flatten(optimizer.state))
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state)
+        for extra_name, arrays in (extra or {}).items():
+            mx.save_safetensors(str(tmp / f"{extra_name}.safetensors"), arrays)
         _write_text_atomic(tmp / "state.json", json.dumps({**state, "step": step}, indent=2))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:

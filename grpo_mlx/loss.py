@@ -18,7 +18,9 @@ Choices, stated once (see DESIGN.md §5):
 import mlx.core as mx
 
 SCALES = ("group", "batch", "none")
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+BASELINES = ("mean", "leave_one_out")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
@@ -38,19 +40,26 @@ def _sample_std(x, axis=None, keepdims=False):
     return mx.sqrt(var)
 
 
-def group_advantages(rewards, scale="group", eps=1e-4):
+def group_advantages(rewards, scale="group", eps=1e-4, *, baseline="mean"):
     """Advantage of each completion relative to its group: (r − group mean) / (std + eps).
 
     `scale` picks the std: "group" (each group's own), "batch" (over all B·G rewards, which
     damps the boost that near-constant groups get from a tiny std, as in Dr. GRPO/TRL), or
     "none" (no division: the mean-centred reward).
+    `baseline` "leave_one_out" (RLOO) subtracts the mean of the *other* G−1 rewards instead,
+    which equals G/(G−1) · (r − group mean); the std scaling then applies as chosen.
     """
     if scale not in SCALES:
         raise ValueError(f"unknown advantage scale {scale!r}; valid values: {', '.join(SCALES)}")
+    if baseline not in BASELINES:
+        raise ValueError(f"unknown baseline {baseline!r}; valid values: {', '.join(BASELINES)}")
     if rewards.ndim != 2:
         raise ValueError(f"rewards must have shape (B, G), got {tuple(rewards.shape)}")
     rewards = rewards.astype(mx.float32)  # (B, G)
     centred = rewards - rewards.mean(axis=1, keepdims=True)  # (B, G)
+    G = rewards.shape[1]
+    if baseline == "leave_one_out" and G > 1:
+        centred = centred * (G / (G - 1))  # (B, G) r_i − mean of the others
     if scale == "none":
         return centred  # (B, G)
     if scale == "group":
@@ -58,6 +67,43 @@ def group_advantages(rewards, scale="group", eps=1e-4):
     else:
         std = _sample_std(rewards)  # ()
     return centred / (std + eps)  # (B, G)
+
+
+def combined_advantages(rewards, weights, combine="sum", scale="group", eps=1e-4, *, baseline="mean"):
+    """Advantages from K reward functions, rewards (K, B, G), weights (K,).
+
+    combine "sum": weighted sum of the rewards, then one normalisation (GRPO as published).
+    combine "normalize_each": each function's rewards normalised in its group first, then the
+    weighted sum, so a reward with a large range cannot drown the others (as in GDPO).
+    """
+    weights = mx.array(weights, dtype=mx.float32)[:, None, None]  # (K, 1, 1)
+    rewards = rewards.astype(mx.float32)  # (K, B, G)
+    if combine == "sum":
+        return group_advantages((weights * rewards).sum(axis=0), scale, eps, baseline=baseline)  # (B, G)
+    if combine == "normalize_each":
+        per_fn = [group_advantages(r, scale, eps, baseline=baseline) for r in rewards]  # K x (B, G)
+        return (weights * mx.stack(per_fn)).sum(axis=0)  # (B, G)
+    raise ValueError(f"unknown reward combination {combine!r}; valid values: sum, normalize_each")
+
+
+def process_advantages(step_rewards, step_index, step_mask, group_size, num_tokens, eps=1e-4):
+    """Process supervision (DeepSeekMath §4.1.3): per-token advantages from step rewards.
+
+    step_rewards, step_mask (N, S): the rewards of each completion's steps (padded, mask 1 for
+    real steps); step_index (N, S) int: the token at which each step ends. Rewards are normalised
+    over all steps of all G completions of a group: r̃ = (r − mean) / (std + eps). The advantage
+    of token t is the sum of r̃ over the steps that end at or after t. Returns (N, T).
+    """
+    n, s = step_rewards.shape
+    rewards = step_rewards.astype(mx.float32).reshape(n // group_size, group_size * s)  # (B, G·S)
+    mask = step_mask.astype(mx.float32).reshape(rewards.shape)  # (B, G·S)
+    count = mx.maximum(mask.sum(axis=1, keepdims=True), 1.0)  # (B, 1)
+    mean = (rewards * mask).sum(axis=1, keepdims=True) / count  # (B, 1)
+    var = (((rewards - mean) ** 2) * mask).sum(axis=1, keepdims=True) / mx.maximum(count - 1, 1.0)  # (B, 1)
+    normed = ((rewards - mean) / (mx.sqrt(var) + eps) * mask).reshape(n, s)  # (N, S)
+    at_token = mx.arange(num_tokens)[None, None, :] == step_index[..., None]  # (N, S, T)
+    ends = (normed[..., None] * at_token).sum(axis=1)  # (N, T) r̃ placed at each step's last token
+    return mx.cumsum(ends[:, ::-1], axis=1)[:, ::-1]  # (N, T) sum over steps ending at or after t
 
 
 def token_logprobs_from_logits(logits, targets, temperature=1.0):
@@ -77,6 +123,18 @@ def token_logprobs_from_logits(logits, targets, temperature=1.0):
     return picked - log_norm  # (N, T)
 
 
+def kl_divergence(logp, ref_logp, estimator="k3"):
+    """Per-token estimate of KL(π || ref) from log-probabilities of tokens sampled from π."""
+    x = ref_logp - logp  # (N, T) log(ref / π)
+    if estimator == "k1":
+        return -x  # (N, T) unbiased, can be negative
+    if estimator == "k2":
+        return 0.5 * x * x  # (N, T) biased, low variance
+    if estimator == "k3":
+        return mx.exp(x) - x - 1.0  # (N, T) unbiased, >= 0
+    raise ValueError(f"unknown kl_estimator {estimator!r}; valid values: {', '.join(KL_ESTIMATORS)}")
+
+
 def policy_loss(
     logp,
     old_logp,
@@ -91,6 +149,8 @@ def policy_loss(
     importance_sampling_level="token",
     max_completion_length=None,
     num_items_in_batch=None,
+    kl_estimator="k3",
+    delta=None,
 ):
     """Clipped surrogate + β·KL over completion tokens, aggregated by `loss_type`.
 
@@ -103,6 +163,13 @@ def policy_loss(
       dr_grpo  sum / (N · max_completion_length); max_completion_length None → T
       dapo     sum / num_items_in_batch, the completion-token count of the whole generation
                batch (for gradient accumulation over micro-batches); None → this batch's count
+      cispo    MiniMax-M1's objective, aggregated as dapo: −sg(min(ρ, 1 + ε_high)) · A · logp.
+               The importance weight is capped and held constant, so every token keeps a
+               gradient (PPO-style clipping drops the clipped tokens' gradients instead).
+    kl_estimator (for KL = KL(π || ref), with x = ref − logp):  k1 = −x,  k2 = x²/2,
+      k3 = exp(x) − x − 1 (Schulman; non-negative, unbiased). Added to the loss as β·KL_it.
+    delta: two-sided clipping: for A < 0 the unclipped ratio is also capped at δ (> 1 + ε), so
+      one very unlikely token cannot produce an unbounded negative update.
     importance_sampling_level:
       token     ρ_it = exp(logp_it − old_logp_it)
       sequence  GSPO: ρ_i = exp(masked mean_t (logp_it − old_logp_it)), shared by all tokens;
@@ -121,6 +188,8 @@ def policy_loss(
             f"unknown importance_sampling_level {importance_sampling_level!r}; "
             f"valid values: {', '.join(IMPORTANCE_SAMPLING_LEVELS)}"
         )
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown kl_estimator {kl_estimator!r}; valid values: {', '.join(KL_ESTIMATORS)}")
     if beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp (reference-model log-probabilities)")
     eps_low = epsilon
@@ -138,12 +207,19 @@ def policy_loss(
         log_ratio = masked_mean(log_ratio, mask, axis=1)[:, None]  # (N, 1)
     ratio = mx.exp(log_ratio)  # (N, T) or (N, 1)
     clipped_ratio = mx.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)  # (N, T) or (N, 1)
-    per_token = -mx.minimum(ratio * advantages, clipped_ratio * advantages)  # (N, T)
-
     metrics = {}
+    if loss_type == "cispo":
+        weight = mx.stop_gradient(mx.minimum(ratio, 1.0 + eps_high))  # (N, T) or (N, 1)
+        per_token = -weight * advantages * logp  # (N, T)
+    else:
+        unclipped = ratio if delta is None else mx.minimum(ratio, delta)  # (N, T) or (N, 1)
+        per_token = -mx.minimum(unclipped * advantages, clipped_ratio * advantages)  # (N, T)
+        if delta is not None:
+            capped = (mx.stop_gradient(ratio) > delta) & (advantages < 0)  # (N, T)
+            metrics["clip_ratio/delta_mean"] = masked_mean(capped.astype(mx.float32), mask)  # ()
+
     if beta > 0:
-        ref_minus_logp = mx.stop_gradient(ref_logp.astype(mx.float32)) - logp  # (N, T)
-        kl = mx.exp(ref_minus_logp) - ref_minus_logp - 1.0  # (N, T) k3, >= 0, unbiased
+        kl = kl_divergence(logp, mx.stop_gradient(ref_logp.astype(mx.float32)), kl_estimator)  # (N, T)
         per_token = per_token + beta * kl  # (N, T)
         metrics["kl"] = masked_mean(mx.stop_gradient(kl), mask)  # ()
 
@@ -156,13 +232,17 @@ def policy_loss(
     elif loss_type == "dr_grpo":
         length = mask.shape[1] if max_completion_length is None else max_completion_length
         loss = masked_sum / max(mask.shape[0] * length, 1)  # ()
-    else:  # dapo
+    else:  # dapo, cispo
         count = mask.sum() if num_items_in_batch is None else num_items_in_batch  # ()
         loss = masked_sum / mx.maximum(count, 1.0)  # ()
 
     ratio = mx.stop_gradient(ratio)  # (N, T) or (N, 1)
-    low = (ratio < 1.0 - eps_low) & (advantages < 0)  # (N, T)
-    high = (ratio > 1.0 + eps_high) & (advantages > 0)  # (N, T)
+    if loss_type == "cispo":  # the weight is capped whatever the sign of A; no lower clip
+        low = mx.zeros(per_token.shape, dtype=mx.bool_)  # (N, T)
+        high = mx.broadcast_to(ratio > 1.0 + eps_high, per_token.shape)  # (N, T)
+    else:
+        low = (ratio < 1.0 - eps_low) & (advantages < 0)  # (N, T)
+        high = (ratio > 1.0 + eps_high) & (advantages > 0)  # (N, T)
     metrics["clip_ratio/low_mean"] = masked_mean(low.astype(mx.float32), mask)  # ()
     metrics["clip_ratio/high_mean"] = masked_mean(high.astype(mx.float32), mask)  # ()
     metrics["clip_ratio/region_mean"] = masked_mean((low | high).astype(mx.float32), mask)  # ()

@@ -97,6 +97,17 @@ def adapters_disabled(model: nn.Module):
                 layer.m = m
 
 
+@contextlib.contextmanager
+def adapters_replaced(model: nn.Module, weights: dict):
+    """Run the model with other adapter weights (e.g. a snapshot), restoring its own after."""
+    own = dict(tree_flatten(model.trainable_parameters()))
+    model.load_weights(list(weights.items()), strict=False)
+    try:
+        yield model
+    finally:
+        model.load_weights(list(own.items()), strict=False)
+
+
 def completion_logprobs(model, tokens, prompt_lens, completion_len: int, temperature: float = 1.0):
     """Teacher-forced log-probabilities of the completion tokens at logits / temperature.
 

@@ -29,7 +29,7 @@ import re
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +224,29 @@ def length_reward(max_completion_length: int | None = None, **_) -> RewardFn:
     return length
 
 
+def digit_steps_reward(column: str = "answer", **_) -> RewardFn:
+    """A process reward for answers written digit by digit (the demo's sums): each character of
+    the completion is a step, rewarded 1 when it equals the reference answer's character at the
+    same place, else 0; characters past the answer's end get 0. Returns (end offset, reward)
+    pairs, so every digit's token is credited or blamed on its own (DeepSeekMath's process
+    supervision, with the digits of the sum as the intermediate results)."""
+
+    def digit_steps(prompts, completions, **kwargs):
+        answers = kwargs.get(column) or [None] * len(completions)
+        out = []
+        for completion, answer in zip(completions, answers):
+            if _missing(answer):
+                out.append(None)
+                continue
+            raw, ref = completion_text(completion), str(answer).strip()
+            lead = len(raw) - len(raw.lstrip())  # offsets count in the completion as written
+            text = raw.strip()
+            out.append([(lead + i + 1, 1.0 if i < len(ref) and ch == ref[i] else 0.0) for i, ch in enumerate(text)] or None)
+        return out
+
+    return digit_steps
+
+
 def code_reward(**options) -> RewardFn:
     """Generated Python run against the example's `tests` column in a sandboxed process."""
     from grpo_mlx.sandbox import code_reward as make
@@ -234,6 +257,7 @@ def code_reward(**options) -> RewardFn:
 BUILTIN_REWARDS: dict[str, Callable[..., RewardFn]] = {
     "accuracy": accuracy_reward, "format": format_reward, "format_soft": format_soft_reward,
     "overlong": overlong_reward, "length": length_reward, "code": code_reward,
+    "digit_steps": digit_steps_reward,
 }
 
 
@@ -321,14 +345,37 @@ def resolve_reward(spec: str, **options) -> tuple[str, RewardFn]:
 @dataclass
 class RewardResult:
     per_function: dict[str, np.ndarray]  # name -> (N,) float64, NaN where the function said None
-    total: np.ndarray  # (N,) weighted sum over functions; a None contributes 0 (TRL's nansum)
+    total: np.ndarray  # (N,) weighted sum over outcome functions; a None contributes 0 (TRL's nansum)
+    # process rewards: name -> per completion a list of (end offset in the text, reward) or None
+    steps: dict[str, list] = field(default_factory=dict)
+    step_weights: dict[str, float] = field(default_factory=dict)
 
 
 def _preview(completions: list, index: int) -> str:
     return completion_text(completions[index]) if completions else ""
 
 
-def _validate(name: str, values: Any, completions: list) -> np.ndarray:
+def _steps(value, text: str, delimiter: str) -> list[tuple[int, float]]:
+    """A completion's step rewards as (end offset, reward) pairs. Plain numbers are the rewards
+    of the text's steps in order, a step ending after each `delimiter` (and at the end)."""
+    if all(isinstance(v, (tuple, list)) and len(v) == 2 for v in value):
+        return [(int(o), float(r)) for o, r in value]
+    ends, start = [], 0
+    while True:
+        cut = text.find(delimiter, start) if delimiter else -1
+        if cut < 0:
+            ends.append(len(text))
+            break
+        ends.append(cut + len(delimiter))
+        start = cut + len(delimiter)
+    if len(value) > len(ends):
+        raise ValueError(f"{len(value)} step rewards for a text of {len(ends)} steps")
+    return [(ends[i], float(r)) for i, r in enumerate(value)]
+
+
+def _validate(name: str, values: Any, completions: list, delimiter: str = "\n"):
+    """Check one function's result. Returns (N,) floats and, for a process reward (a list of
+    step rewards for some completion), the steps of every completion (else None)."""
     n = len(completions)
     def fail(message: str, i: int | None = None) -> RewardFunctionError:
         text = _preview(completions, i or 0)
@@ -342,8 +389,20 @@ def _validate(name: str, values: Any, completions: list) -> np.ndarray:
     if len(values) != n:
         raise fail(f"returned {len(values)} values for {n} completions")
     out = np.empty(n, dtype=np.float64)  # (N,)
+    steps: list | None = None
     for i, v in enumerate(values):
-        if v is None:
+        if isinstance(v, (list, tuple)):  # a process reward: one value per reasoning step
+            steps = steps if steps is not None else [None] * n
+            text = _preview(completions, i)
+            try:
+                steps[i] = _steps(v, text, delimiter)
+            except (TypeError, ValueError) as e:
+                raise fail(f"returned step rewards that do not fit completion {i}: {e}", i) from None
+            bad = [r for _, r in steps[i] if not math.isfinite(r)]
+            if bad:
+                raise fail(f"returned step reward {bad[0]} for completion {i}", i)
+            out[i] = np.mean([r for _, r in steps[i]]) if steps[i] else np.nan
+        elif v is None:
             out[i] = np.nan
         elif isinstance(v, (numbers.Real, np.bool_)):
             if not math.isfinite(float(v)):
@@ -351,7 +410,11 @@ def _validate(name: str, values: Any, completions: list) -> np.ndarray:
             out[i] = float(v)
         else:
             raise fail(f"returned {v!r:.50} ({type(v).__name__}) for completion {i}", i)
-    return out
+    if steps is not None:  # outcome values given alongside steps count as one final step
+        for i in range(n):
+            if steps[i] is None and not math.isnan(out[i]):
+                steps[i] = [(len(_preview(completions, i)), float(out[i]))]
+    return out, steps
 
 
 def _call_with_timeout(fn: RewardFn, timeout: float | None, **kwargs):
@@ -388,6 +451,8 @@ def compute_rewards(reward_fns: list[tuple[str, RewardFn]], weights: list[float]
     # The two names TRL passes explicitly would collide with a column of the same name.
     columns = {k: v for k, v in columns.items() if k not in ("prompts", "completions")}
     per_function: dict[str, np.ndarray] = {}
+    steps: dict[str, list] = {}
+    step_weights: dict[str, float] = {}
     total = np.zeros(len(completions), dtype=np.float64)  # (N,)
     for (name, fn), weight in zip(reward_fns, weights, strict=True):
         key, k = name, 2
@@ -399,6 +464,9 @@ def compute_rewards(reward_fns: list[tuple[str, RewardFn]], weights: list[float]
             text = _preview(completions, 0)
             raise RewardFunctionError(f"reward function {name!r} failed: {type(e).__name__}: {e} "
                                       f"(on completion: {text[:200]!r})", name, text) from e
-        per_function[key] = _validate(name, values, completions)  # (N,)
-        total += weight * np.nan_to_num(per_function[key], nan=0.0)
-    return RewardResult(per_function=per_function, total=total)
+        per_function[key], fn_steps = _validate(name, values, completions, getattr(fn, "step_delimiter", "\n"))
+        if fn_steps is not None:  # enters the advantages per token, not the outcome total
+            steps[key], step_weights[key] = fn_steps, weight
+        else:
+            total += weight * np.nan_to_num(per_function[key], nan=0.0)
+    return RewardResult(per_function=per_function, total=total, steps=steps, step_weights=step_weights)

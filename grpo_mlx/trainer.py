@@ -23,14 +23,15 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from grpo_mlx import checkpoint, data, rewards
 from grpo_mlx.blas import blas_name
 from grpo_mlx.config import TrainConfig, default_run_dir, to_dict
 from grpo_mlx.events import EventBus, JsonlSink
-from grpo_mlx.loss import group_advantages, policy_loss
-from grpo_mlx.policy import adapters_disabled, add_adapters, completion_logprobs, load_model
+from grpo_mlx.advantages import compute_advantages
+from grpo_mlx.loss import kl_divergence, policy_loss
+from grpo_mlx.policy import adapters_disabled, adapters_replaced, add_adapters, completion_logprobs, load_model
 from grpo_mlx.sampler import Rollout, generate_groups
 
 BUCKET = 16  # pad sequence lengths to a multiple of this so the compiled step is rarely retraced
@@ -129,11 +130,14 @@ class Trainer:
         self.pad_id = eos[0] if eos else 0
         self.optimizer = make_optimizer(cfg)
         self.state = {"step": 0, "data_position": 0, "skipped_steps": 0}
+        self.ref_adapters = None  # iterative GRPO: the adapters the reference was last reset to
         if cfg.resume:
             ckpt = checkpoint.latest_checkpoint(self.run_dir)
             if ckpt is None:
                 raise FileNotFoundError(f"--resume {self.run_dir}: no complete checkpoint in {self.run_dir / 'checkpoints'}")
             self.state.update(checkpoint.load_checkpoint(ckpt, self.model, self.optimizer))
+            if (ckpt / "reference.safetensors").exists():
+                self.ref_adapters = mx.load(str(ckpt / "reference.safetensors"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "config.json", "w", encoding="utf-8") as f:
             json.dump(to_dict(cfg), f, indent=2)
@@ -154,6 +158,13 @@ class Trainer:
                         f"(shorten the prompt, lower --max-completion-length, or drop long prompts with --max-prompt-length)"
                     )
 
+    def reference(self):
+        """The reference policy: the base model (adapters off), or with --ref-update-every the
+        adapters as they were at the last reference update."""
+        if self.ref_adapters is None:
+            return adapters_disabled(self.model)
+        return adapters_replaced(self.model, self.ref_adapters)
+
     def _build_step(self):
         cfg = self.cfg
         model = self.model
@@ -164,8 +175,9 @@ class Trainer:
             loss, metrics = policy_loss(
                 logp, old, ref_logp, advantages, mask,
                 loss_type=cfg.loss_type, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
-                beta=cfg.beta, importance_sampling_level=cfg.importance_sampling_level,
+                beta=0.0 if cfg.kl_in_reward else cfg.beta, importance_sampling_level=cfg.importance_sampling_level,
                 max_completion_length=cfg.max_completion_length, num_items_in_batch=n_items,
+                kl_estimator=cfg.kl_estimator, delta=cfg.delta,
             )
             return loss, metrics, logp
 
@@ -260,20 +272,33 @@ class Trainer:
         totals = np.concatenate([g["scored"].total[g["rows"]] for g in groups])  # (N,)
         per_fn = {name: np.concatenate([g["scored"].per_function[name][g["rows"]] for g in groups])
                   for name in groups[0]["scored"].per_function}
+        steps = {name: [s for g in groups for s in g["scored"].steps[name][g["rows"]]]
+                 for name in groups[0]["scored"].steps}
         B = len(groups)
-        adv = group_advantages(mx.array(totals.reshape(B, G), dtype=mx.float32), cfg.scale_rewards)  # (B, G)
-        adv = adv.reshape(-1)  # (N,)
         tokens, prompt_lens, mask = training_arrays([ex["prompt_ids"] for ex in examples], roll, G, self.pad_id)
 
         t0 = time.perf_counter()
-        ref_logp = None
+        if cfg.ref_update_every and step > 0 and step % cfg.ref_update_every == 0:
+            # iterative GRPO: the reference becomes the current policy (a copy of the adapters)
+            self.ref_adapters = {k: mx.array(v) for k, v in tree_flatten(self.model.trainable_parameters())}
+            mx.eval(self.ref_adapters)
+        ref_logp = kl_seq = None
         if cfg.beta > 0:
             self.model.eval()  # no adapter dropout in the reference pass
-            with adapters_disabled(self.model):
+            with self.reference():
                 ref_logp = mx.stop_gradient(completion_logprobs(self.model, tokens, prompt_lens, mask.shape[1], cfg.temperature))
+            if cfg.kl_in_reward:  # classic RLHF shaping: r - beta * KL(sequence), no KL in the loss
+                now = completion_logprobs(self.model, tokens, prompt_lens, mask.shape[1], cfg.temperature)  # (N, T)
+                kl_tok = kl_divergence(now, ref_logp, cfg.kl_estimator) * mask  # (N, T)
+                kl_seq = np.array(kl_tok.sum(axis=1))  # (N,)
+                totals = totals - cfg.beta * kl_seq
+                kl_mean = float(kl_tok.sum().item() / max(mask.sum().item(), 1.0))
             mx.eval(ref_logp)
             self.model.train()
         self.timing["reference"] = time.perf_counter() - t0
+        completion_ids = [roll.tokens[i, : roll.lengths[i]].tolist() for i in range(len(roll.texts))]
+        adv = compute_advantages(cfg, per_fn, totals, steps, groups[0]["scored"].step_weights,
+                                 self.tokenizer, completion_ids, mask.shape[1])  # (N,) or (N, T)
 
         t0 = time.perf_counter()
         k = cfg.gradient_accumulation_steps
@@ -335,13 +360,16 @@ class Trainer:
         }
         if cfg.dynamic_sampling:
             metrics["resample_rounds"] = sample_stats["resample_rounds"]
+        if kl_seq is not None:
+            metrics["kl"] = kl_mean
         for key, vals in metric_sums.items():
             metrics[key] = float(mx.mean(mx.stack(vals)).item())
         for name, vals in per_fn.items():
             finite = vals[~np.isnan(vals)]
             metrics[f"rewards/{name}/mean"] = float(finite.mean()) if finite.size else float("nan")
             metrics[f"rewards/{name}/std"] = float(finite.std(ddof=1)) if finite.size > 1 else 0.0
-        self._emit_samples(step, examples, roll, per_fn, totals, np.array(adv))
+        seq_adv = adv if adv.ndim == 1 else (adv * mask).sum(axis=1) / mx.maximum(mask.sum(axis=1), 1)  # (N,)
+        self._emit_samples(step, examples, roll, per_fn, totals, np.array(seq_adv))
         return metrics
 
     def _emit_samples(self, step, examples, roll, per_fn, totals, adv):
@@ -387,7 +415,8 @@ class Trainer:
     def save(self, step: int) -> None:
         try:
             path = checkpoint.save_checkpoint(self.run_dir, step, self.model, self.adapter_config, self.optimizer,
-                                              {k: v for k, v in self.state.items() if k != "step"})
+                                              {k: v for k, v in self.state.items() if k != "step"},
+                                              extra={"reference": self.ref_adapters} if self.ref_adapters else None)
         except OSError as e:
             last = checkpoint.latest_checkpoint(self.run_dir)
             kept = f"the previous checkpoint {last} is intact" if last else "no earlier checkpoint exists"
@@ -411,6 +440,8 @@ class Trainer:
         self.bus.emit("start", run_dir=str(self.run_dir), config=to_dict(cfg), total_steps=cfg.iters,
                       start_step=start, blas=blas_name(), model=cfg.model,
                       train_examples=len(self.train_examples), eval_examples=len(self.eval_examples))
+        if cfg.ref_update_every and cfg.beta == 0:
+            self.bus.emit("message", level="warning", text="--ref-update-every has no effect with beta = 0 (there is no KL term)")
         if cfg.num_iterations == 1:
             self.bus.emit("message", level="info", text="num_iterations = 1: the importance ratio is exactly 1, so clipping never acts (clip_ratio reads 0).")
         summary: dict = {"run_dir": str(self.run_dir)}

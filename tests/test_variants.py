@@ -1,0 +1,198 @@
+"""Issue 8: process supervision, iterative GRPO and the loss variants, against hand-computed values."""
+
+import json
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from grpo_mlx.advantages import step_arrays, token_at_offset
+from grpo_mlx.config import build_config
+from grpo_mlx.events import read_jsonl
+from grpo_mlx.loss import combined_advantages, group_advantages, kl_divergence, policy_loss, process_advantages
+from grpo_mlx.rewards import compute_rewards, resolve_reward
+from grpo_mlx.trainer import Trainer
+
+
+def close(a, b, tol=1e-5):
+    np.testing.assert_allclose(np.array(a), np.array(b, dtype=np.float32), atol=tol, rtol=0)
+
+
+# ------------------------------------------------------------------ process supervision
+
+
+def test_process_advantages_worked_example():
+    """DeepSeekMath §4.1.3 on a group of two completions of five tokens.
+    Completion 0: steps end at tokens 1 and 4 with rewards 1 and 0.
+    Completion 1: steps end at tokens 2 and 3 with rewards 1 and 1.
+    The group's step rewards R = {1, 0, 1, 1}: mean 0.75, sample std sqrt(0.75/3) = 0.5,
+    so the normalised rewards are 0.5, -1.5 (completion 0) and 0.5, 0.5 (completion 1).
+    A token's advantage is the sum over the steps that end at or after it:
+      completion 0: t0..1: 0.5 - 1.5 = -1.0;  t2..4: -1.5
+      completion 1: t0..2: 0.5 + 0.5 = 1.0;   t3: 0.5;   t4: no step left = 0"""
+    rewards = mx.array([[1.0, 0.0], [1.0, 1.0]])
+    index = mx.array([[1, 4], [2, 3]])
+    mask = mx.ones((2, 2))
+    adv = process_advantages(rewards, index, mask, group_size=2, num_tokens=5, eps=0.0)
+    close(adv, [[-1.0, -1.0, -1.5, -1.5, -1.5], [1.0, 1.0, 1.0, 0.5, 0.0]])
+
+
+def test_process_advantages_ignore_padded_steps_and_separate_groups():
+    # two groups of one... of two completions each; group 2 has a padded step that must not count
+    rewards = mx.array([[1.0, 0.0], [0.0, 0.0], [2.0, 9.0], [0.0, 9.0]])
+    index = mx.array([[0, 1], [0, 1], [0, 0], [0, 0]])
+    mask = mx.array([[1, 1], [1, 1], [1, 0], [1, 0]])
+    adv = np.array(process_advantages(rewards, index, mask, group_size=2, num_tokens=2, eps=0.0))
+    # group 2: R = {2, 0}: mean 1, std sqrt(2) -> +-0.7071 at token 0, nothing after it
+    close(adv[2:], [[0.70710677, 0.0], [-0.70710677, 0.0]])
+    # group 1: R = {1, 0, 0, 0}: mean 0.25, std 0.5 -> 1.5, -0.5, -0.5, -0.5
+    close(adv[:2], [[1.0, -0.5], [-1.0, -0.5]])
+
+
+def test_step_rewards_from_a_reward_function():
+    def steps(prompts, completions, **kw):
+        return [[1.0, 0.0], [(3, 0.5)], 0.25]  # by delimiter, by offset, outcome-only
+
+    result = compute_rewards([("steps", steps)], None, ["p"] * 3, ["a\nbc", "xyz", "q"], {})
+    assert result.steps["steps"] == [[(2, 1.0), (4, 0.0)], [(3, 0.5)], [(1, 0.25)]]
+    assert list(result.total) == [0.0, 0.0, 0.0], "step rewards enter the advantages, not the outcome total"
+    assert result.per_function["steps"].tolist() == [0.5, 0.5, 0.25]
+
+
+class CharTokenizer:
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+def test_offsets_map_to_tokens():
+    tok = CharTokenizer()
+    ids = [ord(c) for c in "12\n34"]
+    assert token_at_offset(tok, ids, 1) == 0 and token_at_offset(tok, ids, 3) == 2 and token_at_offset(tok, ids, 5) == 4
+    rewards, index, mask = step_arrays(tok, [[(3, 1.0), (5, 0.0)], None], [ids, ids])
+    assert np.array(index).tolist() == [[2, 4], [0, 0]] and np.array(mask).tolist() == [[1, 1], [0, 0]]
+
+
+def test_digit_steps_reward():
+    _, fn = resolve_reward("digit_steps")
+    out = fn(prompts=["12+34"] * 3, completions=["46", "47", "460"], answer=["46"] * 3)
+    assert out == [[(1, 1.0), (2, 1.0)], [(1, 1.0), (2, 0.0)], [(1, 1.0), (2, 1.0), (3, 0.0)]]
+
+
+# ------------------------------------------------------------------ advantages
+
+
+def test_leave_one_out_baseline():
+    # r = [1, 0, 0, 1]: r_i - mean of the other three = [1 - 1/3, -2/3, -2/3, 1 - 1/3]
+    adv = group_advantages(mx.array([[1.0, 0.0, 0.0, 1.0]]), "none", baseline="leave_one_out")
+    close(adv, [[2 / 3, -2 / 3, -2 / 3, 2 / 3]])
+
+
+def test_rewards_combined_before_or_after_normalisation():
+    r1 = [1.0, 0.0, 0.0]  # mean 1/3, sample std sqrt(1/3) = 0.57735 -> 1.1547, -0.57735, -0.57735
+    r2 = [0.0, 0.0, 30.0]  # mean 10, sample std sqrt(300) = 17.3205 -> -0.57735, -0.57735, 1.1547
+    rewards = mx.array([[r1], [r2]])  # (K=2, B=1, G=3)
+    close(combined_advantages(rewards, [1.0, 1.0], "normalize_each", eps=0.0), [[0.57735, -1.1547, 0.57735]], 1e-4)
+    # summed first: [1, 0, 30], mean 31/3, sample std sqrt(290.333) = 17.0392
+    close(combined_advantages(rewards, [1.0, 1.0], "sum", eps=0.0),
+          [[(1 - 31 / 3) / 17.0392, (0 - 31 / 3) / 17.0392, (30 - 31 / 3) / 17.0392]], 1e-4)
+
+
+# ------------------------------------------------------------------ loss variants
+
+
+def test_kl_estimators():
+    logp, ref = mx.array([[-1.0]]), mx.array([[-1.5]])  # x = ref - logp = -0.5
+    close(kl_divergence(logp, ref, "k1"), [[0.5]])
+    close(kl_divergence(logp, ref, "k2"), [[0.125]])
+    close(kl_divergence(logp, ref, "k3"), [[math.exp(-0.5) + 0.5 - 1.0]])
+
+
+def test_two_sided_clipping_caps_negative_advantages():
+    logp, old = mx.array([[math.log(3.0)]]), mx.array([[0.0]])  # ratio 3
+    mask, adv = mx.ones((1, 1)), mx.array([-1.0])
+    plain, _ = policy_loss(logp, old, None, adv, mask)  # -min(3 * -1, 1.2 * -1) = 3
+    capped, metrics = policy_loss(logp, old, None, adv, mask, delta=2.0)  # -min(2 * -1, -1.2) = 2
+    close(plain, 3.0)
+    close(capped, 2.0)
+    close(metrics["clip_ratio/delta_mean"], 1.0)
+
+
+def test_cispo_keeps_gradient_of_clipped_tokens():
+    old = mx.array([[0.0, 0.0]])
+    mask, adv = mx.ones((1, 2)), mx.array([2.0])
+
+    def loss(lp):
+        return policy_loss(lp, old, None, adv, mask, loss_type="cispo", epsilon_high=0.2)[0]
+
+    logp = mx.array([[0.5, -0.05]])  # ratios e^0.5 = 1.6487 (capped at 1.2) and e^-0.05 = 0.9512
+    # loss = -(1.2 * 2 * 0.5 + 0.9512 * 2 * -0.05) / 2 tokens
+    close(loss(logp), -(1.2 * 2 * 0.5 + math.exp(-0.05) * 2 * -0.05) / 2)
+    grad = mx.grad(loss)(logp)  # d/dlogp = -w * A / 2: the capped token still gets -1.2
+    close(grad, [[-1.2, -math.exp(-0.05)]])
+    _, metrics = policy_loss(logp, old, None, adv, mask, loss_type="cispo", epsilon_high=0.2)
+    close(metrics["clip_ratio/high_mean"], 0.5)
+    # the same token under PPO clipping gets no gradient at all
+    ppo_grad = mx.grad(lambda lp: policy_loss(lp, old, None, adv, mask)[0])(logp)
+    close(ppo_grad[0, 0], 0.0)
+
+
+# ------------------------------------------------------------------ in the trainer
+
+
+def small(tmp_path, **kw):
+    flags = dict(adapter_path=str(tmp_path / "run"), batch_size=4, group_size=4, iters=3, eval_limit=0,
+                 save_every=100, learning_rate=2e-2)
+    flags.update(kw)
+    return build_config(flags)
+
+
+def step_metrics(trainer):
+    return [e["metrics"] for e in read_jsonl(str(trainer.run_dir / "metrics.jsonl")) if e["type"] == "step"]
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(reward_functions=["accuracy", "digit_steps"]),
+    dict(reward_functions=["digit_steps"]),
+    dict(loss_type="cispo"),
+    dict(delta=2.0, num_iterations=2),
+    dict(beta=0.1, kl_estimator="k2"),
+    dict(beta=0.1, kl_in_reward=True),
+    dict(advantage_baseline="leave_one_out", reward_functions=["accuracy", "length"], reward_combination="normalize_each"),
+])
+def test_variants_train(tmp_path, overrides):
+    t = Trainer(small(tmp_path, **overrides))
+    assert t.run()["steps"] == 3
+    m = step_metrics(t)
+    assert all(math.isfinite(x["loss"]) for x in m)
+    assert any(x["grad_norm"] > 0 for x in m)
+    if "beta" in overrides:
+        assert m[-1]["kl"] > 0
+
+
+def test_iterative_reference_resets_kl(tmp_path):
+    """With --ref-update-every 2, at step 3 the reference is the policy after step 2: the KL
+    measured on step 3's samples is against it, not against the base model."""
+    moving = Trainer(small(tmp_path / "moving", iters=4, beta=0.1, ref_update_every=2))
+    moving.run()
+    fixed = Trainer(small(tmp_path / "fixed", iters=4, beta=0.1))
+    fixed.run()
+    km, kf = [x["kl"] for x in step_metrics(moving)], [x["kl"] for x in step_metrics(fixed)]
+    assert km[:2] == pytest.approx(kf[:2], rel=1e-5), "same run until the first reference update"
+    assert km[2] < kf[2], "right after the update the policy is close to its new reference"
+    ckpt = moving.run_dir / "checkpoints" / "step_0000004"
+    assert (ckpt / "reference.safetensors").exists(), "the moving reference is part of the checkpoint"
+
+
+def test_iterative_reference_resume_is_exact(tmp_path):
+    straight = Trainer(small(tmp_path / "a", iters=6, beta=0.1, ref_update_every=2))
+    straight.run()
+    first = Trainer(small(tmp_path / "b", iters=6, beta=0.1, ref_update_every=2))
+    first.bus.subscribe(lambda e: e["type"] == "step" and e["step"] == 3 and first.control.stop.set())
+    first.run()
+    base = json.loads((tmp_path / "b" / "run" / "config.json").read_text())
+    Trainer(build_config({"resume": str(tmp_path / "b" / "run")}, base=base)).run()
+    a = mx.load(str(tmp_path / "a" / "run" / "adapters.safetensors"))
+    b = mx.load(str(tmp_path / "b" / "run" / "adapters.safetensors"))
+    for k in a:
+        np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), atol=1e-6, err_msg=k)
