@@ -1,0 +1,329 @@
+"""`grpo-mlx eval`: pass@k, maj@k, format compliance and length, base model vs base + adapters.
+
+Choices, stated once:
+- Each prompt gets n = max(k) completions from the group sampler (one prefill per prompt, all
+  rows decoded together). pass@k uses all n of them through the unbiased estimator of Chen et al.
+  (2021), 1 - C(n-c, k) / C(n, k), so pass@1 is the fraction of right samples (c / n).
+- maj@k votes over the extracted answers (rewards.extract_answer) of the first k samples.
+  Answers that `answers_match` calls equal vote together ("1,000" and "1000"). A completion
+  with no answer does not vote. A tie goes to the answer that appeared first among the tied
+  ones; no votes at all counts as wrong.
+- Greedy decoding (--temperature 0) gives one answer per prompt, so only k = 1 is reported;
+  it is deterministic: two runs give identical numbers.
+- The base model is the same loaded model with its adapters switched off
+  (policy.adapters_disabled), sampled with the same seed, so nothing but the adapters differs.
+- On the CPU the model computes in float32, as in training (policy.add_adapters).
+- Settings left unset come from the adapters' run directory (its config.json: data, maximum
+  completion length, system prompt, stop strings) and adapter_config.json (the base model),
+  so `grpo-mlx eval --adapter-path RUN_DIR` scores what the run trained for.
+
+The statistics at the top are pure Python (tested against hand-computed numbers); MLX is imported
+only inside the functions that sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from grpo_mlx import rewards
+
+HELP = "Evaluate a model (and its adapters): pass@k, maj@k, format compliance, mean length."
+
+DEFAULT_KS = (1, 4, 16)
+DEFAULT_SAMPLING_TEMPERATURE = 0.7  # for k > 1: varied samples that are still mostly sensible
+
+
+# ------------------------------------------------------------------ statistics (no MLX)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are right: 1 - C(n-c, k) / C(n, k), computed as
+    1 - prod_{i=n-c+1}^{n} (1 - k/i), which never forms the huge binomials."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:  # every k-subset holds a right sample
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def majority_answer(answers: list) -> str | None:
+    """The most common answer (None entries do not vote); a tie goes to the earliest one."""
+    votes: list[list] = []  # [answer, count] in order of first appearance
+    for answer in answers:
+        if answer is None:
+            continue
+        for vote in votes:
+            if rewards.answers_match(answer, vote[0]):
+                vote[1] += 1
+                break
+        else:
+            votes.append([answer, 1])
+    if not votes:
+        return None
+    most = max(count for _, count in votes)
+    return next(answer for answer, count in votes if count == most)
+
+
+def score_samples(texts: list[list[str]], lengths: list[list[int]], references: list, ks) -> dict:
+    """Metrics of n completions per prompt: texts[p][i], lengths[p][i] (tokens), references[p]."""
+    n = len(texts[0]) if texts else 0
+    ks = sorted(set(ks))
+    if any(len(row) != n for row in texts) or (ks and ks[-1] > n):
+        raise ValueError(f"every prompt needs max(k) = {ks[-1] if ks else 0} samples")
+    answers = [[rewards.extract_answer(t) for t in row] for row in texts]  # (P, n)
+    right = [[rewards.answers_match(a, ref) for a in row] for row, ref in zip(answers, references)]
+    flat = [t for row in texts for t in row]
+    formatted = rewards.format_reward()(prompts=[None] * len(flat), completions=flat)
+    out: dict = {}
+    for k in ks:
+        out[f"pass@{k}"] = _mean([pass_at_k(n, sum(r), k) for r in right])
+    for k in ks:
+        if k > 1:
+            out[f"maj@{k}"] = _mean([rewards.answers_match(majority_answer(row[:k]), ref)
+                                     for row, ref in zip(answers, references)])
+    out["format"] = _mean([v == 1.0 for v in formatted])
+    out["mean_length"] = _mean([x for row in lengths for x in row])
+    out["answered"] = _mean([a is not None for row in answers for a in row])
+    return out
+
+
+def has_answer(reference) -> bool:
+    return reference is not None and str(reference).strip() != "" and reference == reference  # NaN: empty cell
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return float(sum(values)) / len(values) if values else float("nan")
+
+
+# ------------------------------------------------------------------ sampling (MLX)
+
+
+def sample_completions(model, tokenizer, examples: list[dict], n: int, max_tokens: int,
+                       temperature: float, top_p: float = 1.0, stop=(), batch_size: int = 16,
+                       seed: int = 0) -> tuple[list[list[str]], list[list[int]]]:
+    """n completions of each prepared example (with `prompt_ids`), batch_size prompts a call."""
+    import mlx.core as mx
+
+    from grpo_mlx.sampler import generate_groups
+
+    mx.random.seed(seed)
+    texts, lengths = [], []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        roll = generate_groups(model, tokenizer, [ex["prompt_ids"] for ex in chunk], n, max_tokens,
+                               temperature=temperature, top_p=top_p, stop=list(stop))
+        for p in range(len(chunk)):
+            texts.append(roll.texts[p * n : (p + 1) * n])
+            lengths.append([int(x) for x in roll.lengths[p * n : (p + 1) * n]])
+    return texts, lengths
+
+
+def evaluate(model, tokenizer, examples: list[dict], ks=DEFAULT_KS, temperature: float = 0.0,
+             max_tokens: int = 256, top_p: float = 1.0, stop=(), batch_size: int = 16,
+             seed: int = 0) -> dict:
+    """Metrics of `model` on prepared examples; with temperature 0 only k = 1 (greedy)."""
+    ks = [1] if temperature == 0 else sorted(set(ks))
+    model.eval()
+    texts, lengths = sample_completions(model, tokenizer, examples, max(ks), max_tokens, temperature,
+                                        top_p, stop, batch_size, seed)
+    return score_samples(texts, lengths, [ex.get("answer") for ex in examples], ks)
+
+
+def compare(model, tokenizer, examples: list[dict], with_adapters: bool, **options) -> dict:
+    """{"base": metrics, "adapters": metrics} (the base is the same model with its adapters
+    switched off), or {"model": metrics} for a model without adapters."""
+    from grpo_mlx.policy import adapters_disabled
+
+    if not with_adapters:
+        return {"model": evaluate(model, tokenizer, examples, **options)}
+    with adapters_disabled(model):  # graphs are built and evaluated inside the block
+        base = evaluate(model, tokenizer, examples, **options)
+    return {"base": base, "adapters": evaluate(model, tokenizer, examples, **options)}
+
+
+def load_for_eval(model_path: str, adapter_path: str | None):
+    """The model (float32 on the CPU, as in training) with its adapters loaded, in eval mode."""
+    import mlx.core as mx
+
+    from grpo_mlx.policy import ModelLoadError, load_model, on_cpu
+
+    model, tokenizer = load_model(model_path)
+    if on_cpu():
+        model.set_dtype(mx.float32)  # the CPU has a fast BLAS path only for float32
+    if adapter_path:
+        from mlx_lm.tuner.utils import load_adapters
+
+        try:
+            load_adapters(model, adapter_path)
+        except ValueError as e:  # adapters made for another model: names or shapes differ
+            raise ModelLoadError(f"the adapters in {adapter_path} do not fit '{model_path}': {e}") from None
+    model.eval()
+    return model, tokenizer
+
+
+# ------------------------------------------------------------------ report
+
+
+def format_table(results: dict) -> str:
+    """Metrics as rows, models as columns, and the change when there are two."""
+    names = list(results)
+    metrics = list(next(iter(results.values())))
+    header = ["metric"] + names + (["change"] if len(names) == 2 else [])
+    rows = [header]
+    for m in metrics:
+        values = [results[name][m] for name in names]
+        is_length = m == "mean_length"
+        show = (lambda v: f"{v:.1f}") if is_length else (lambda v: f"{v:.1%}")
+        row = [m.replace("mean_length", "mean length (tokens)")] + [show(v) for v in values]
+        if len(names) == 2:
+            delta = values[1] - values[0]
+            row.append(f"{delta:+.1f}" if is_length else f"{100 * delta:+.1f} pts")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ command line
+
+
+def parse_ks(text: str) -> list[int]:
+    try:
+        ks = sorted({int(part) for part in str(text).split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,4,16, got {text!r}") from None
+    if not ks or ks[0] < 1:
+        raise argparse.ArgumentTypeError(f"every k must be at least 1, got {text!r}")
+    return ks
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="Model directory or Hugging Face repo id. Default: the adapters' "
+                        "base model (adapter_config.json), else the embedded demo model.")
+    parser.add_argument("--adapter-path", help="Adapters to evaluate beside the base model (a run directory "
+                        "or a checkpoint in it). Without it only the model itself is scored.")
+    parser.add_argument("--data", help="Directory with <split>.jsonl, or a Hugging Face dataset id. "
+                        "Default: the run's data, else the demo task.")
+    parser.add_argument("--split", default="test", help="Split to score. [default: test]")
+    parser.add_argument("-k", "--k", type=parse_ks, default=list(DEFAULT_KS), metavar="K,K,...",
+                        help="pass@k and maj@k for these k; max(k) samples are drawn per prompt. [default: 1,4,16]")
+    parser.add_argument("--temperature", type=float, default=None, metavar="X",
+                        help=f"Sampling temperature; 0 is greedy (k = 1 only). Default: {DEFAULT_SAMPLING_TEMPERATURE} "
+                        "when max(k) > 1, else 0.")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="X", help="Nucleus sampling (1 = off).")
+    parser.add_argument("--max-completion-length", type=int, default=None, metavar="N",
+                        help="Tokens per completion. Default: the run's, else 8 for the demo and 256 otherwise.")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="Score only the first N prompts.")
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="Random seed for sampling. [default: 0]")
+    parser.add_argument("--batch-size", type=int, default=16, metavar="N",
+                        help="Prompts sampled together (each with max(k) completions). [default: 16]")
+    parser.add_argument("--system-prompt", default=None, help="System prompt. Default: the run's.")
+    parser.add_argument("--stop", nargs="+", default=None, metavar="TEXT", help="Stop strings. Default: the run's.")
+    parser.add_argument("--prompt-key", default=None, help="Prompt column. Default: the run's, else prompt.")
+    parser.add_argument("--answer-key", default=None, help="Answer column. Default: the run's, else answer.")
+    parser.add_argument("--json", metavar="PATH", help="Also write the results as JSON to PATH (- for stdout, "
+                        "instead of the table).")
+    parser.add_argument("--debug", action="store_true", help="Show Python tracebacks on errors.")
+
+
+def run_config(adapter_path: str | None) -> dict:
+    """The grpo-mlx config.json of the run the adapters come from ({} if there is none)."""
+    if not adapter_path:
+        return {}
+    folder = Path(adapter_path).expanduser()
+    candidates = [folder / "config.json"]
+    if folder.parent.name == "checkpoints":  # RUN_DIR/checkpoints/step_N
+        candidates.append(folder.parent.parent / "config.json")
+    for path in candidates:
+        try:
+            found = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(found, dict) and "max_completion_length" in found:  # not a model's config.json
+            return found
+    return {}
+
+
+def adapter_base_model(adapter_path: str | None) -> str | None:
+    if not adapter_path:
+        return None
+    path = Path(adapter_path).expanduser() / "adapter_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--adapter-path {adapter_path}: no adapter_config.json there")
+    return json.loads(path.read_text(encoding="utf-8")).get("model")
+
+
+def resolve_settings(args: argparse.Namespace) -> dict:
+    from grpo_mlx.config import DEMO_DATA, DEMO_DEFAULTS, DEMO_MODEL, ConfigError
+
+    saved = run_config(args.adapter_path)
+    model = args.model or adapter_base_model(args.adapter_path) or DEMO_MODEL
+    demo = os.path.abspath(model) == os.path.abspath(DEMO_MODEL)
+    data = args.data or saved.get("data") or (DEMO_DATA if demo else None)
+    if data is None:
+        raise ConfigError("--data is required for a model other than the demo (a directory with "
+                          f"{args.split}.jsonl, or a Hugging Face dataset id)")
+    length = args.max_completion_length or saved.get("max_completion_length") or (
+        DEMO_DEFAULTS["max_completion_length"] if demo else 256)
+    temperature = args.temperature
+    if temperature is None:
+        temperature = DEFAULT_SAMPLING_TEMPERATURE if max(args.k) > 1 else 0.0
+    if temperature < 0 or not 0 < args.top_p <= 1 or args.batch_size < 1 or length < 1:
+        raise ConfigError("need --temperature >= 0, 0 < --top-p <= 1, --batch-size >= 1 and "
+                          "--max-completion-length >= 1")
+    return dict(model=model, adapter_path=args.adapter_path, data=data, split=args.split,
+                k=[1] if temperature == 0 else args.k, temperature=temperature, top_p=args.top_p,
+                max_completion_length=int(length), limit=args.limit, seed=args.seed,
+                batch_size=args.batch_size,
+                system_prompt=args.system_prompt if args.system_prompt is not None else saved.get("system_prompt"),
+                stop=args.stop if args.stop is not None else saved.get("stop") or [],
+                prompt_key=args.prompt_key or saved.get("prompt_key") or "prompt",
+                answer_key=args.answer_key or saved.get("answer_key") or "answer")
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = resolve_settings(args)
+    from grpo_mlx.blas import use_system_blas
+
+    use_system_blas()
+    from grpo_mlx import data
+
+    examples = data.load_split(settings["data"], settings["split"], prompt_key=settings["prompt_key"],
+                               answer_key=settings["answer_key"])
+    scored = [ex for ex in examples if has_answer(ex.get("answer"))]
+    skipped = len(examples) - len(scored)
+    if not scored:
+        raise data.DataError(f"{settings['data']} ({settings['split']}): no example has an answer "
+                             f"(column {settings['answer_key']!r}); eval scores answers")
+    if settings["limit"]:
+        scored = scored[: settings["limit"]]
+    model, tokenizer = load_for_eval(settings["model"], settings["adapter_path"])
+    prepared = data.prepare_examples(scored, tokenizer, settings["system_prompt"])
+    n = max(settings["k"])
+    decoding = "greedy" if settings["temperature"] == 0 else f"temperature {settings['temperature']}"
+    note = "" if settings["temperature"] or args.k == [1] else " (greedy gives one answer per prompt: k = 1 only)"
+    print(f"grpo-mlx eval: {len(prepared)} prompts ({settings['split']} of {settings['data']}), "
+          f"{n} sample{'s' if n > 1 else ''} each, {decoding}, seed {settings['seed']}{note}", file=sys.stderr)
+    if skipped:
+        print(f"  {skipped} examples without an answer skipped", file=sys.stderr)
+    results = compare(model, tokenizer, prepared, with_adapters=bool(settings["adapter_path"]),
+                      ks=settings["k"], temperature=settings["temperature"],
+                      max_tokens=settings["max_completion_length"], top_p=settings["top_p"],
+                      stop=settings["stop"], batch_size=settings["batch_size"], seed=settings["seed"])
+    report = {**{k: v for k, v in settings.items() if k != "limit"}, "prompts": len(prepared),
+              "samples_per_prompt": n, "skipped_without_answer": skipped, "results": results}
+    if args.json == "-":
+        print(json.dumps(report, indent=2))
+        return 0
+    print(format_table(results))
+    if args.json:
+        Path(args.json).expanduser().write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"results written to {args.json}", file=sys.stderr)
+    return 0

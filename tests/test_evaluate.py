@@ -1,0 +1,165 @@
+"""`grpo-mlx eval`: the estimators against hand-computed numbers, answer voting, and the command
+on the demo model with real (briefly trained) adapters."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from grpo_mlx import cli
+from grpo_mlx.evaluate import majority_answer, parse_ks, pass_at_k, score_samples
+
+
+# ------------------------------------------------------------------ pass@k
+
+
+@pytest.mark.parametrize("n, c, k, expected", [
+    (5, 2, 2, 1 - 3 / 10),            # 1 - C(3,2)/C(5,2)
+    (10, 3, 4, 1 - 35 / 210),         # 1 - C(7,4)/C(10,4)
+    (3, 1, 1, 1 / 3),                 # pass@1 is c/n
+    (16, 0, 16, 0.0),                 # nothing right
+    (16, 16, 1, 1.0),
+    (4, 1, 4, 1.0),                   # k = n: any right sample counts
+    (5, 2, 4, 1.0),                   # n - c < k: every 4-subset holds a right one
+    (200, 1, 100, 0.5),               # 1 - C(199,100)/C(200,100) = 1 - 100/200
+])
+def test_pass_at_k_hand_values(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pass_at_k_matches_binomials_and_stays_stable():
+    for n in range(1, 25):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                exact = 1 - math.comb(n - c, k) / math.comb(n, k)
+                assert pass_at_k(n, c, k) == pytest.approx(exact, abs=1e-12)
+    # where C(n, k) overflows a float, the product form still gives an answer in [0, 1]
+    value = pass_at_k(2000, 3, 1000)
+    assert 0 <= value <= 1 and value == pytest.approx(1 - (1000 * 999 * 998) / (2000 * 1999 * 1998))
+
+
+def test_pass_at_k_refuses_impossible_arguments():
+    for n, c, k in [(4, 1, 5), (4, 5, 1), (4, 1, 0)]:
+        with pytest.raises(ValueError):
+            pass_at_k(n, c, k)
+
+
+# ------------------------------------------------------------------ voting
+
+
+def test_majority_vote():
+    assert majority_answer(["3", "4", "3"]) == "3"
+    assert majority_answer(["4", "3", "3", "4"]) == "4", "a tie goes to the answer that came first"
+    assert majority_answer(["5", "3", "3", "5", "5"]) == "5"
+    assert majority_answer([None, None, "5"]) == "5", "completions without an answer do not vote"
+    assert majority_answer([None, None]) is None and majority_answer([]) is None
+    # equal answers in different spellings vote together; the first spelling represents them
+    assert majority_answer(["7", "1,000", "1000.0"]) == "1,000"
+    assert majority_answer(["7", "1,000", "1000.0", "7"]) == "7", "a tie: 7 came first"
+
+
+def test_score_samples_by_hand():
+    texts = [["46", "the answer is 46", "45", "no idea"],       # prompt 0: 2 right, answers 46,46,45,None
+             ["12", "13", "13", "#### 12"]]                     # prompt 1: 2 right, vote 13 (2) vs 12 (2) -> 12 first
+    lengths = [[3, 8, 3, 2], [3, 3, 3, 5]]
+    m = score_samples(texts, lengths, ["46", "12"], [1, 2, 4])
+    assert m["pass@1"] == pytest.approx(0.5)
+    assert m["pass@2"] == pytest.approx(1 - 1 / 6)  # each prompt: 1 - C(2,2)/C(4,2)
+    assert m["pass@4"] == 1.0
+    # maj@2: prompt 0 votes 46,46 -> right; prompt 1 votes 12,13 (tie) -> 12 -> right
+    assert m["maj@2"] == 1.0
+    # maj@4: prompt 0 -> 46 right; prompt 1: 12 x2, 13 x2 -> 12 (first) -> right
+    assert m["maj@4"] == 1.0
+    assert m["mean_length"] == pytest.approx(np.mean(lengths))
+    assert m["answered"] == pytest.approx(7 / 8)
+    assert m["format"] == 0.0
+    assert "maj@1" not in m
+
+    wrong_first = score_samples([["13", "12", "13", "12"]], [[1] * 4], ["12"], [2, 4])
+    assert wrong_first["maj@4"] == 0.0 and wrong_first["maj@2"] == 0.0  # ties go to the earlier 13
+    none_only = score_samples([["?", "?"]], [[1, 1]], ["3"], [2])
+    assert none_only["maj@2"] == 0.0 and none_only["pass@2"] == 0.0
+
+
+def test_format_compliance():
+    good = "<think>4 + 2</think><answer>6</answer>"
+    m = score_samples([[good, "6"]], [[10, 1]], ["6"], [1, 2])
+    assert m["format"] == 0.5 and m["pass@1"] == 1.0
+
+
+def test_parse_ks():
+    assert parse_ks("16,1,4,4") == [1, 4, 16]
+    for bad in ["0", "a,b", ""]:
+        with pytest.raises(Exception):
+            parse_ks(bad)
+
+
+# ------------------------------------------------------------------ on the demo model
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from tests.test_fuse import train_adapters
+
+    return train_adapters(tmp_path_factory.mktemp("eval"), eval_limit=24).run_dir
+
+
+def _eval_json(tmp_path, name, *args):
+    out = tmp_path / f"{name}.json"
+    assert cli.main(["eval", *args, "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_greedy_eval_is_reproducible_and_matches_the_trainer(run_dir, tmp_path, capsys):
+    args = ["--adapter-path", str(run_dir), "--temperature", "0", "--limit", "24"]
+    first = _eval_json(tmp_path, "a", *args)
+    second = _eval_json(tmp_path, "b", *args)
+    assert first == second, "greedy evaluation is deterministic"
+    assert first["k"] == [1] and first["samples_per_prompt"] == 1 and first["prompts"] == 24
+    base, adapted = first["results"]["base"], first["results"]["adapters"]
+    assert set(base) == {"pass@1", "format", "mean_length", "answered"}
+    table = capsys.readouterr().out
+    assert "pass@1" in table and "base" in table and "adapters" in table and "change" in table
+
+    # the trainer scored the same 24 held-out prompts greedily before and after training:
+    # the base column is the model before training (adapters off = adapters at zero)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["eval_examples"] == 24
+    assert base["pass@1"] == pytest.approx(summary["accuracy_before"])
+    assert adapted["pass@1"] == pytest.approx(summary["accuracy_after"])
+    assert adapted != base
+
+
+def test_sampled_eval_reports_pass_and_majority_at_k(run_dir, tmp_path):
+    report = _eval_json(tmp_path, "s", "--adapter-path", str(run_dir), "-k", "1,4", "--limit", "16", "--seed", "3")
+    assert report["temperature"] == 0.7 and report["samples_per_prompt"] == 4 and report["seed"] == 3
+    for column in ("base", "adapters"):
+        m = report["results"][column]
+        assert set(m) == {"pass@1", "pass@4", "maj@4", "format", "mean_length", "answered"}
+        assert 0 <= m["pass@1"] <= m["pass@4"] <= 1, "pass@k grows with k"
+        assert 0 < m["mean_length"] <= 8
+    again = _eval_json(tmp_path, "s2", "--adapter-path", str(run_dir), "-k", "1,4", "--limit", "16", "--seed", "3")
+    assert again == report, "the same seed gives the same samples"
+
+
+def test_eval_without_adapters_and_bad_input(tmp_path, capsys):
+    report = _eval_json(tmp_path, "m", "--temperature", "0", "--limit", "8")
+    assert list(report["results"]) == ["model"] and report["model"].endswith("demo/model")
+    assert cli.main(["eval", "--adapter-path", str(tmp_path / "nope")]) == 1
+    assert "adapter_config.json" in capsys.readouterr().err
+    assert cli.main(["eval", "--model", str(tmp_path / "nope"), "--data", str(tmp_path)]) == 1
+
+
+def test_eval_every_emits_periodic_evaluations(tmp_path):
+    from grpo_mlx.config import ConfigError, build_config
+    from grpo_mlx.events import read_jsonl
+    from grpo_mlx.trainer import Trainer
+
+    with pytest.raises(ConfigError, match="eval_every"):
+        build_config({"eval_every": -1})
+    trainer = Trainer(build_config(dict(adapter_path=str(tmp_path / "run"), batch_size=2, group_size=2,
+                                        iters=4, eval_every=2, eval_limit=4, save_every=100)))
+    trainer.run()
+    evals = [(e["step"], e["name"]) for e in read_jsonl(str(trainer.run_dir / "metrics.jsonl")) if e["type"] == "eval"]
+    assert evals == [(0, "before"), (2, "periodic"), (4, "periodic"), (4, "after")]
