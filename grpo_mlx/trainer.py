@@ -341,9 +341,12 @@ class Trainer:
         lengths = roll.lengths
         n_gen = int(lengths.sum())
         step_time = time.perf_counter() - t_step
+        step_weights = groups[0]["scored"].step_weights
+        # what is reported as "reward" includes process rewards at their mean step reward
+        shown = totals + sum(w * np.nan_to_num(per_fn[name]) for name, w in step_weights.items())  # (N,)
         metrics = {
-            "reward": float(totals.mean()),
-            "reward_std": float(totals.reshape(B, G).std(axis=1, ddof=1).mean()),
+            "reward": float(shown.mean()),
+            "reward_std": float(shown.reshape(B, G).std(axis=1, ddof=1).mean()),
             "frac_reward_zero_std": sample_stats["frac_reward_zero_std"],
             "loss": float(mx.mean(mx.stack(losses)).item()),
             "grad_norm": float(mx.mean(mx.stack(grad_norms)).item()),
@@ -369,7 +372,7 @@ class Trainer:
             metrics[f"rewards/{name}/mean"] = float(finite.mean()) if finite.size else float("nan")
             metrics[f"rewards/{name}/std"] = float(finite.std(ddof=1)) if finite.size > 1 else 0.0
         seq_adv = adv if adv.ndim == 1 else (adv * mask).sum(axis=1) / mx.maximum(mask.sum(axis=1), 1)  # (N,)
-        self._emit_samples(step, examples, roll, per_fn, totals, np.array(seq_adv))
+        self._emit_samples(step, examples, roll, per_fn, shown, np.array(seq_adv))
         return metrics
 
     def _emit_samples(self, step, examples, roll, per_fn, totals, adv):
@@ -404,7 +407,9 @@ class Trainer:
             for ex, text in zip(chunk, roll.texts):
                 if ex.get("answer") is not None:
                     hits.append(rewards.answers_match(rewards.extract_answer(text), ex["answer"]))
-            totals.extend(self.score(chunk, roll, 1).total.tolist())
+            scored = self.score(chunk, roll, 1)
+            total = scored.total + sum(w * np.nan_to_num(scored.per_function[name]) for name, w in scored.step_weights.items())
+            totals.extend(np.asarray(total).tolist())  # process rewards count with their mean step reward
         self.model.train()
         out = {"n": len(examples), "mean_reward": float(np.mean(totals))}
         if hits:
