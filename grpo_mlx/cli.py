@@ -45,6 +45,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 # Other commands live in their own modules, each with `HELP`, `add_arguments(parser)` and
 # `run(args) -> int`. Those modules must import cheaply (MLX only inside `run`).
 COMMANDS: dict[str, str] = {
+    "tui": "tui.cli",
     "eval": "grpo_mlx.evaluate",
     "fuse": "grpo_mlx.fuse",
 }
