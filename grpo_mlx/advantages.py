@@ -46,9 +46,11 @@ def step_arrays(tokenizer, steps: list, completion_ids: list[list[int]]):
 
 
 def compute_advantages(cfg, per_function: dict, totals: np.ndarray, steps: dict, step_weights: dict,
-                       tokenizer, completion_ids: list[list[int]], num_tokens: int):
+                       tokenizer, completion_ids: list[list[int]], num_tokens: int, rows: slice = slice(None)):
     """Advantages for one step's batch of B groups of G: (N,) from outcome rewards, or (N, T)
-    when any reward function gave step rewards (outcome advantage broadcast + process part)."""
+    when any reward function gave step rewards (outcome advantage broadcast + process part).
+    With several ranks, per_function and totals hold the global batch and `rows` picks this
+    rank's completions; steps and completion_ids are this rank's own (groups never straddle ranks)."""
     G = cfg.group_size
     B = len(totals) // G
     weights = cfg.reward_weights or [1.0] * len(per_function)
@@ -61,7 +63,7 @@ def compute_advantages(cfg, per_function: dict, totals: np.ndarray, steps: dict,
     else:
         adv = group_advantages(mx.array(totals.reshape(B, G), dtype=mx.float32), cfg.scale_rewards,
                                baseline=cfg.advantage_baseline)  # (B, G)
-    adv = adv.reshape(-1)  # (N,)
+    adv = adv.reshape(-1)[rows]  # (N,)
     if not steps:
         return adv
     per_token = mx.broadcast_to(adv[:, None], (adv.shape[0], num_tokens))  # (N, T)

@@ -21,9 +21,20 @@ import json
 import math
 import os
 import threading
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 Event = dict[str, Any]
+
+
+@dataclass
+class Control:
+    """Between-step controls of a run, set from another thread (the TUI, a signal handler).
+    Here, not in the trainer, so a UI can hold one before MLX is imported."""
+
+    stop: threading.Event = field(default_factory=threading.Event)
+    pause: threading.Event = field(default_factory=threading.Event)
+    save_now: threading.Event = field(default_factory=threading.Event)
 
 
 class EventBus:
@@ -71,9 +82,7 @@ class JsonlSink:
         kind = event["type"]
         if kind == "samples":
             out = self.samples
-        elif kind in ("step", "eval", "start", "end", "checkpoint") or (
-            kind == "message" and event.get("level") in ("warning", "error")
-        ):
+        elif kind in ("step", "eval", "start", "end", "checkpoint", "message"):
             out = self.metrics
         else:
             return

@@ -14,9 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -27,8 +25,8 @@ from mlx.utils import tree_flatten, tree_map
 
 from grpo_mlx import checkpoint, data, rewards
 from grpo_mlx.blas import blas_name
-from grpo_mlx.config import TrainConfig, default_run_dir, to_dict
-from grpo_mlx.events import EventBus, JsonlSink
+from grpo_mlx.config import ConfigError, TrainConfig, default_run_dir, to_dict
+from grpo_mlx.events import Control, EventBus, JsonlSink  # noqa: F401  (Control is re-exported)
 from grpo_mlx.advantages import compute_advantages
 from grpo_mlx.loss import kl_divergence, policy_loss
 from grpo_mlx.policy import adapters_disabled, adapters_replaced, add_adapters, completion_logprobs, load_model
@@ -41,17 +39,12 @@ class TrainingStopped(RuntimeError):
     """The run ended early on purpose (a reward function failed); a checkpoint was saved."""
 
 
-@dataclass
-class Control:
-    """Between-step controls, set from another thread (the TUI)."""
-
-    stop: threading.Event = field(default_factory=threading.Event)
-    pause: threading.Event = field(default_factory=threading.Event)
-    save_now: threading.Event = field(default_factory=threading.Event)
-
-
 def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7919) % (2**31)
+
+
+def prompt_seed(seed: int, position: int) -> int:
+    return (seed * 2_654_435_761 + position * 40_503 + 12_345) % (2**31)
 
 
 def batch_at(n_examples: int, seed: int, position: int, count: int) -> list[int]:
@@ -118,6 +111,10 @@ class Trainer:
                 if found:
                     self.eval_examples, self.eval_split_used = found[: cfg.eval_limit], split
                     break
+        self.world = mx.distributed.init()  # a group of size 1 unless started by mlx.launch
+        self.rank, self.size = self.world.rank(), self.world.size()
+        if self.size > 1:
+            self._check_ranks()
         mx.random.seed(cfg.seed)
         self.model, self.tokenizer = load_model(cfg.model)
         self.adapter_config = add_adapters(self.model, cfg)
@@ -139,9 +136,48 @@ class Trainer:
             if (ckpt / "reference.safetensors").exists():
                 self.ref_adapters = mx.load(str(ckpt / "reference.safetensors"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / "config.json", "w", encoding="utf-8") as f:
-            json.dump(to_dict(cfg), f, indent=2)
+        if self.rank == 0:  # with several ranks only rank 0 writes the run directory
+            with open(self.run_dir / "config.json", "w", encoding="utf-8") as f:
+                json.dump(to_dict(cfg), f, indent=2)
         self._loss_and_grad = self._build_step()
+
+    def _check_ranks(self) -> None:
+        """Data parallelism needs each rank to take an equal share of whole groups and every rank
+        to run the same configuration: refuse early, naming what differs."""
+        cfg = self.cfg
+        if cfg.batch_size % self.size:
+            raise ConfigError(f"'batch_size' = {cfg.batch_size} prompts do not divide across {self.size} ranks; "
+                              f"use a multiple of {self.size}")
+        if cfg.dynamic_sampling:
+            raise ConfigError("'dynamic_sampling' is not supported across several ranks yet (each rank would refill differently)")
+        import hashlib
+
+        shared = {k: v for k, v in to_dict(cfg).items() if k not in ("adapter_path", "resume")}
+        digest = hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).digest()
+        mine = mx.array(list(digest[:16]), dtype=mx.float32)  # (16,) bytes, exact in float32
+        total = mx.distributed.all_sum(mine, group=self.world)
+        if not mx.array_equal(total, mine * self.size).item():
+            raise ConfigError(f"rank {self.rank}: the ranks were started with different configurations "
+                              f"(compare their flags and config files)")
+
+    def _gather(self, x: np.ndarray) -> np.ndarray:
+        """Concatenate every rank's rows, in rank order (the global batch's order)."""
+        if self.size == 1:
+            return x
+        return np.array(mx.distributed.all_gather(mx.array(x), group=self.world))
+
+    def _mean_over_ranks(self, value):
+        if self.size == 1:
+            return value
+        return mx.distributed.all_sum(value, group=self.world) / self.size
+
+    def _should_stop(self) -> bool:
+        """A stop asked on any rank (Ctrl-C reaches them at different moments) stops all of them
+        at the same step, so none waits forever in a collective."""
+        stop = self.control.stop.is_set()
+        if self.size == 1:
+            return stop
+        return mx.distributed.all_sum(mx.array(float(stop)), group=self.world).item() > 0
 
     def _check_context(self) -> None:
         """Refuse before training when a prompt plus a full completion cannot fit the model."""
@@ -232,7 +268,13 @@ class Trainer:
             need = cfg.batch_size - len(kept)
             idx = batch_at(len(self.train_examples), cfg.seed, self.state["data_position"], need)
             self.state["data_position"] += need
+            share = need // self.size  # with several ranks each samples its slice of the global batch
+            first = self.state["data_position"] - need  # global index of idx[0]
+            positions = list(range(first, first + need))[self.rank * share : (self.rank + 1) * share]
+            idx = idx[self.rank * share : (self.rank + 1) * share]
             examples = [self.train_examples[i] for i in idx]
+            # a prompt's samples depend on (seed, its place in the data stream), not on the rank
+            self._prompt_keys = [prompt_seed(cfg.seed, p) for p in positions]
             t0 = time.perf_counter()
             roll = self.rollout(examples)
             self.timing["rollout"] += time.perf_counter() - t0
@@ -297,14 +339,17 @@ class Trainer:
             self.model.train()
         self.timing["reference"] = time.perf_counter() - t0
         completion_ids = [roll.tokens[i, : roll.lengths[i]].tolist() for i in range(len(roll.texts))]
-        adv = compute_advantages(cfg, per_fn, totals, steps, groups[0]["scored"].step_weights,
-                                 self.tokenizer, completion_ids, mask.shape[1])  # (N,) or (N, T)
+        # outcome advantages over the global batch (equal to one process's), then this rank's rows
+        own = slice(self.rank * len(totals), (self.rank + 1) * len(totals))
+        adv = compute_advantages(cfg, {k: self._gather(v) for k, v in per_fn.items()}, self._gather(totals), steps,
+                                 groups[0]["scored"].step_weights, self.tokenizer, completion_ids, mask.shape[1],
+                                 rows=own)  # (N,) or (N, T)
 
         t0 = time.perf_counter()
         k = cfg.gradient_accumulation_steps
         n = tokens.shape[0]
         micro = [slice(i * n // k, (i + 1) * n // k) for i in range(k)]
-        n_items = mask.sum() / k  # dapo: each micro-batch normalised by the whole batch's tokens
+        n_items = self._mean_over_ranks(mask.sum()) / k  # dapo: normalised by the whole batch's tokens
         old_logps = [None] * k
         losses, metric_sums, grad_norms = [], {}, []
         self.model.train()
@@ -323,13 +368,17 @@ class Trainer:
                     metric_sums.setdefault(key, []).append(v)
             if k > 1:
                 acc = tree_map(lambda g: g / k, acc)
+            if self.size > 1:
+                acc = nn.average_gradients(acc, group=self.world)  # data parallel: the global batch's gradient
             if cfg.max_grad_norm > 0:
                 acc, norm = optim.clip_grad_norm(acc, cfg.max_grad_norm)
             else:
                 norm = mx.sqrt(sum((g * g).sum() for g in _leaves(acc)))
             grad_norms.append(norm)
-            mx.eval(norm, losses)
-            if not (math.isfinite(norm.item()) and all(math.isfinite(x.item()) for x in losses)):
+            finite = mx.isfinite(norm) & mx.all(mx.isfinite(mx.stack(losses)))
+            if self.size > 1:  # every rank takes the same decision
+                finite = mx.distributed.all_sum(finite.astype(mx.float32), group=self.world) == self.size
+            if not finite.item():
                 # never apply a non-finite update: skip the rest of this step, count it
                 self.state["skipped_steps"] += 1
                 self.bus.emit("message", level="warning", text=f"step {step + 1}: non-finite loss or gradient norm; update skipped")
@@ -338,23 +387,28 @@ class Trainer:
             mx.eval(self.model.trainable_parameters(), self.optimizer.state, metric_sums)
         self.timing["update"] = time.perf_counter() - t0
 
-        lengths = roll.lengths
-        n_gen = int(lengths.sum())
-        step_time = time.perf_counter() - t_step
         step_weights = groups[0]["scored"].step_weights
         # what is reported as "reward" includes process rewards at their mean step reward
         shown = totals + sum(w * np.nan_to_num(per_fn[name]) for name, w in step_weights.items())  # (N,)
+        sample_view = (shown, np.array(adv if adv.ndim == 1 else (adv * mask).sum(axis=1) / mx.maximum(mask.sum(axis=1), 1)))
+        # metrics describe the global batch: gather what is per completion, average what is per rank
+        shown, lengths = self._gather(shown), self._gather(roll.lengths)
+        clipped = self._gather(np.array([r == "length" for r in roll.finish_reasons], dtype=np.float32))
+        per_fn = {k: self._gather(v) for k, v in per_fn.items()}
+        B = len(shown) // G
+        n_gen = int(lengths.sum())
+        step_time = time.perf_counter() - t_step
         metrics = {
             "reward": float(shown.mean()),
             "reward_std": float(shown.reshape(B, G).std(axis=1, ddof=1).mean()),
-            "frac_reward_zero_std": sample_stats["frac_reward_zero_std"],
-            "loss": float(mx.mean(mx.stack(losses)).item()),
+            "frac_reward_zero_std": float(self._mean_over_ranks(mx.array(sample_stats["frac_reward_zero_std"])).item()),
+            "loss": float(self._mean_over_ranks(mx.mean(mx.stack(losses))).item()),
             "grad_norm": float(mx.mean(mx.stack(grad_norms)).item()),
             "learning_rate": float(self.optimizer.learning_rate.item()),
             "completions/mean_length": float(lengths.mean()),
             "completions/min_length": int(lengths.min()),
             "completions/max_length": int(lengths.max()),
-            "completions/clipped_ratio": float(np.mean([r == "length" for r in roll.finish_reasons])),
+            "completions/clipped_ratio": float(clipped.mean()),
             "num_tokens": n_gen,
             "step_time": step_time,
             "tokens_per_second": n_gen / max(self.timing["rollout"], 1e-9),
@@ -366,13 +420,14 @@ class Trainer:
         if kl_seq is not None:
             metrics["kl"] = kl_mean
         for key, vals in metric_sums.items():
-            metrics[key] = float(mx.mean(mx.stack(vals)).item())
+            metrics[key] = float(self._mean_over_ranks(mx.mean(mx.stack(vals))).item())
         for name, vals in per_fn.items():
             finite = vals[~np.isnan(vals)]
             metrics[f"rewards/{name}/mean"] = float(finite.mean()) if finite.size else float("nan")
             metrics[f"rewards/{name}/std"] = float(finite.std(ddof=1)) if finite.size > 1 else 0.0
-        seq_adv = adv if adv.ndim == 1 else (adv * mask).sum(axis=1) / mx.maximum(mask.sum(axis=1), 1)  # (N,)
-        self._emit_samples(step, examples, roll, per_fn, shown, np.array(seq_adv))
+        if self.rank == 0:
+            own_fn = {k: v[: len(roll.texts)] for k, v in per_fn.items()}  # rank 0's rows come first
+            self._emit_samples(step, examples, roll, own_fn, *sample_view)
         return metrics
 
     def _emit_samples(self, step, examples, roll, per_fn, totals, adv):
@@ -391,7 +446,7 @@ class Trainer:
                     length=int(roll.lengths[i]), finish_reason=roll.finish_reasons[i],
                 ))
             groups.append(dict(prompt=ex["prompt"], prompt_text=ex["prompt_text"], answer=ex.get("answer"), completions=comps))
-        self.bus.emit("samples", step=step, groups=groups)
+        self.bus.emit("samples", step=step + 1, groups=groups)  # numbered like the step event
 
     # ----------------------------------------------------------------- evaluation
     def evaluate(self, examples, batch: int = 64) -> dict:
@@ -418,6 +473,8 @@ class Trainer:
 
     # ----------------------------------------------------------------- the loop
     def save(self, step: int) -> None:
+        if self.rank != 0:  # every rank holds the same adapters; one writes them
+            return
         try:
             path = checkpoint.save_checkpoint(self.run_dir, step, self.model, self.adapter_config, self.optimizer,
                                               {k: v for k, v in self.state.items() if k != "step"},
@@ -433,12 +490,18 @@ class Trainer:
         cfg = self.cfg
         self.setup()
         start = int(self.state["step"])
-        sink = JsonlSink(str(self.run_dir))
-        self.bus.subscribe(sink)
+        sink = JsonlSink(str(self.run_dir)) if self.rank == 0 else None
+        if sink:
+            self.bus.subscribe(sink)
         try:
             return self._loop(start)
+        except Exception as e:
+            self.bus.emit("end", step=int(self.state["step"]), summary={"run_dir": str(self.run_dir), "error": str(e)},
+                          status="failed")
+            raise
         finally:
-            sink.close()
+            if sink:
+                sink.close()
 
     def _loop(self, start: int) -> dict:
         cfg = self.cfg
@@ -450,15 +513,19 @@ class Trainer:
         if cfg.num_iterations == 1:
             self.bus.emit("message", level="info", text="num_iterations = 1: the importance ratio is exactly 1, so clipping never acts (clip_ratio reads 0).")
         summary: dict = {"run_dir": str(self.run_dir)}
-        before = self.evaluate(self.eval_examples) if start == 0 or cfg.resume is None else {}
+        evaluating = self.rank == 0 and self.eval_examples
+        before = self.evaluate(self.eval_examples) if evaluating and (start == 0 or cfg.resume is None) else {}
         if before:
             self.bus.emit("eval", step=start, name="before", metrics=before)
         status = "finished"
         bad_in_a_row = 0
         for step in range(start, cfg.iters):
             while self.control.pause.is_set() and not self.control.stop.is_set():
+                if self.control.save_now.is_set():  # "save now" also works while paused
+                    self.control.save_now.clear()
+                    self.save(step)
                 time.sleep(0.1)
-            if self.control.stop.is_set():
+            if self._should_stop():
                 status = "stopped"
                 break
             position = self.state["data_position"]
@@ -489,7 +556,7 @@ class Trainer:
             if (step + 1) % cfg.save_every == 0 or self.control.save_now.is_set():
                 self.control.save_now.clear()
                 self.save(step + 1)
-            if cfg.eval_every and self.eval_examples and (step + 1) % cfg.eval_every == 0:
+            if cfg.eval_every and evaluating and (step + 1) % cfg.eval_every == 0:
                 self.bus.emit("eval", step=step + 1, name="periodic", metrics=self.evaluate(self.eval_examples))
         if self.state["step"] > start or cfg.iters == start:
             self.save(int(self.state["step"]))
@@ -498,7 +565,7 @@ class Trainer:
             summary.update(steps=int(self.state["step"]), status=status)
             self.bus.emit("end", step=int(self.state["step"]), summary=summary, status=status)
             return summary
-        after = self.evaluate(self.eval_examples)
+        after = self.evaluate(self.eval_examples) if evaluating else {}
         if after:
             self.bus.emit("eval", step=int(self.state["step"]), name="after", metrics=after)
         summary.update(steps=int(self.state["step"]), status=status)
@@ -507,8 +574,9 @@ class Trainer:
         if after:
             summary.update({f"{k}_after": v for k, v in after.items() if k != "n"})
             summary["eval_examples"] = after["n"]
-        with open(self.run_dir / "summary.json", "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
+        if self.rank == 0:
+            with open(self.run_dir / "summary.json", "w", encoding="utf-8") as f:
+                json.dump(summary, f, indent=2)
         self.bus.emit("end", step=int(self.state["step"]), summary=summary, status=status)
         return summary
 

@@ -58,7 +58,7 @@ def completion(text, reward, advantage, length=3, finish="stop"):
 
 
 def scripted_run(steps=12, total=20, zero_std=0.25):
-    """Events as the trainer emits them: start, eval, and per step samples (0-based) then step."""
+    """Events as the trainer emits them: start, eval, and per step its samples then the step."""
     events = [{"type": "start", "run_dir": "runs/demo", "model": "demo-model", "blas": "OpenBLAS",
                "config": {"batch_size": 2, "group_size": 4, "loss_type": "grpo", "beta": 0.04},
                "total_steps": total, "start_step": 0},
@@ -72,7 +72,7 @@ def scripted_run(steps=12, total=20, zero_std=0.25):
             {"prompt": "5+5", "prompt_text": "5+5=", "answer": "10",
              "completions": [completion("10", 1.0, 0.0) for _ in range(4)]},
         ]
-        events.append({"type": "samples", "step": i, "groups": groups})
+        events.append({"type": "samples", "step": i + 1, "groups": groups})
         events.append({"type": "step", "step": i + 1, "metrics": {
             "reward": acc + 0.5, "reward_std": 0.4 - 0.01 * i, "frac_reward_zero_std": zero_std,
             "kl": 0.001 * i, "loss": 0.01 * ((-1) ** i), "grad_norm": 2.0 - 0.1 * i, "learning_rate": 1e-4,

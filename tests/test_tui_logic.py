@@ -57,7 +57,7 @@ def test_resumed_run_replaces_repeated_steps():
 
 def test_samples_are_filed_under_the_step_the_user_sees():
     s = RunState()
-    s.apply({"type": "samples", "step": 0, "groups": [{"prompt": "p", "completions": []}]})
+    s.apply({"type": "samples", "step": 1, "groups": [{"prompt": "p", "completions": []}]})
     s.apply(step(1, reward=1.0))
     assert s.sample_steps() == [1]
 

@@ -13,10 +13,9 @@ from typing import Any
 
 from grpo_mlx.events import Event
 
-# The trainer emits a step's samples from inside `train_step(step)` with the 0-based step index,
-# then the step event with `step + 1`. The dashboard files samples under the step number the
-# user sees (1-based), so samples of step event N are those with "step": N - 1.
-SAMPLES_STEP_OFFSET = 1
+# Samples events carry the same (1-based) step number as the step event they belong to. Run
+# directories written before that change numbered them from 0; this offset is for those.
+SAMPLES_STEP_OFFSET = 0
 
 # Keep the samples of this many recent steps (each holds full completion texts).
 MAX_SAMPLE_STEPS = 2000
