@@ -94,19 +94,20 @@ def test_run_directory_contents(trained):
 
 
 def test_resume_matches_straight_run(tmp_path):
-    straight = Trainer(small_config(tmp_path / "a", iters=8))
+    """10 steps, a stop, then 10 resumed steps end with the adapters (and rewards) of 20 straight steps."""
+    straight = Trainer(small_config(tmp_path / "a", iters=20))
     straight.run()
 
     bus = EventBus()
-    interrupted = Trainer(small_config(tmp_path / "b", iters=8), bus)
-    bus.subscribe(lambda e: e["type"] == "step" and e["step"] == 4 and interrupted.control.stop.set())
+    interrupted = Trainer(small_config(tmp_path / "b", iters=20), bus)
+    bus.subscribe(lambda e: e["type"] == "step" and e["step"] == 10 and interrupted.control.stop.set())
     summary = interrupted.run()
-    assert summary["status"] == "stopped" and summary["steps"] == 4
+    assert summary["status"] == "stopped" and summary["steps"] == 10
 
     resumed_cfg = build_config({"resume": str(tmp_path / "b" / "run")},
                                base=json.loads((tmp_path / "b" / "run" / "config.json").read_text()))
     resumed = Trainer(resumed_cfg)
-    assert resumed.run()["steps"] == 8
+    assert resumed.run()["steps"] == 20
 
     a = mx.load(str(tmp_path / "a" / "run" / "adapters.safetensors"))
     b = mx.load(str(tmp_path / "b" / "run" / "adapters.safetensors"))
