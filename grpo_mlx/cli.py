@@ -48,6 +48,7 @@ COMMANDS: dict[str, str] = {
     "tui": "tui.cli",
     "eval": "grpo_mlx.evaluate",
     "fuse": "grpo_mlx.fuse",
+    "bench": "grpo_mlx.bench",
 }
 
 

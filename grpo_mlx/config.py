@@ -91,6 +91,7 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this (0 = off).")
     gradient_accumulation_steps: int = _f(1, "Split each step's B*G completions into this many micro-batches.")
+    grad_checkpoint: bool = _f(False, "Recompute each transformer block's activations in the backward pass instead of keeping them: less memory, about a third more compute.")
 
     # --- faults
     reward_error_policy: str = _f("stop", "When a reward function fails: stop (save a checkpoint and exit) or skip (skip the step).")

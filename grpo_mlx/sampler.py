@@ -1,22 +1,38 @@
 """The group sampler: G completions for each of B prompts, decoded together.
 
-Each prompt is prefilled once (all but its last token) and its KV cache is shared by its G
-completions: the merged batch cache holds G copies of the prompt's keys and values made by
-mlx-lm's `merge`, not G prefills. Then all B*G rows decode in one batch, one token per step.
-Per-row stopping (EOS, stop strings, token budget) is tracked in MLX arrays; Python only looks at
-the previous step's result, so the device keeps working while Python bookkeeps.
-
-Sampling is at logits / temperature, then top-k / top-p / min-p via mlx-lm's sampler chain;
-the recorded log-probability of each token is that of the tempered, unfiltered distribution:
-the same quantity the training pass computes (shared/DESIGN.md §4).
+Choices, each measured with `grpo-mlx bench` (README, "Speed and memory"):
+- Prefill: the B prompts (all but their last token) go through the model's body in one
+  left-padded batch (mlx-lm's BatchKVCache), without the lm-head, whose prompt logits would be
+  thrown away. Each prompt's keys and values are then gathered G times: one prefill per prompt,
+  not per completion. Models whose caches are not plain KVCache (sliding windows, SSM state,
+  quantized caches) prefill one prompt at a time and merge with their cache type's `merge`.
+- Decode: all B*G rows in one batch, one token per step. Once a quarter of the rows have ended
+  (EOS, stop string), the batch and its cache are filtered down to the running rows, so a long
+  tail of completions does not pay for the finished ones.
+- Sampling is at logits / temperature by inverse CDF: one uniform number per row, the token is
+  the first whose cumulative probability reaches it, so the exponentials that normalise the
+  distribution also sample it. With top-k / top-p / min-p, mlx-lm's sampler chain filters.
+  The recorded log-probability of each token is that of the tempered, unfiltered distribution:
+  the quantity the training pass computes (shared/DESIGN.md §4).
+- On the CPU device with a large vocabulary, this sampling runs in numpy: MLX's CPU backend
+  evaluates exp one element at a time (~15 ns), numpy's is vectorised (~2 ns), and for a 150k
+  vocabulary the softmax of 64 rows would otherwise cost as much as a 0.5B model's forward.
+  Both paths draw the same random numbers from MLX's generator, so seeding works the same way.
+- Bookkeeping (tokens, EOS, stop strings, lengths) lives in numpy arrays and costs a few
+  vectorised operations a step; step t's tokens are read back while step t+1 runs.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
+
+HOST_SAMPLING_MIN_VOCAB = 4096  # below this the MLX softmax is cheap and keeps the pipeline full
+COMPACT_FRACTION = 0.25  # filter the batch once this fraction of its rows has ended
+PREFILL_STEP = 512  # prompt tokens per prefill forward (bounds the attention's memory)
 
 
 @dataclass
@@ -29,37 +45,146 @@ class Rollout:
     finish_reasons: list  # (N,) "stop" (EOS or stop string) or "length"
     texts: list  # (N,) decoded completion text, EOS not included
     prompt_tokens: int  # prompt tokens prefilled (each prompt once)
+    prefill_time: float = 0.0  # seconds spent prefilling the prompts
+    decode_time: float = 0.0  # seconds spent decoding (sampling included, text decoding not)
+    decode_steps: int = 0  # decode steps run (batch forwards)
+    entropy: np.ndarray | None = None  # (N, T) entropy of the sampling distribution at each token
 
     @property
     def mask(self) -> np.ndarray:
         return np.arange(self.tokens.shape[1])[None] < self.lengths[:, None]  # (N, T)
 
 
-def _prefill(model, prompt_ids):
-    """Prefill one prompt (all but its last token) into a fresh cache; the last token is fed
-    in the first decode step, so that step yields every row's first-token logits together."""
-    from mlx_lm.models.cache import make_prompt_cache
-
-    cache = make_prompt_cache(model)
-    if len(prompt_ids) > 1:
-        model(mx.array(prompt_ids[:-1])[None], cache=cache)  # (1, P-1, V) discarded
-        mx.eval([c.state for c in cache])
-    return cache
+# ------------------------------------------------------------------ prefill
 
 
-def _shared_batch_cache(caches, group_size):
-    """One batch cache whose rows are each prompt's cache repeated G times."""
-    rows = [c for c in caches for _ in range(group_size)]
-    return [type(layer[0]).merge([row[i] for row in rows]) for i, layer in enumerate(zip(*rows))]
+def prefill_groups(model, prompts: list[list[int]], group_size: int) -> list:
+    """A batch cache (one entry per layer) holding each prompt's context (all but its last
+    token) G times, rows ordered b*G + g."""
+    from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
+
+    from grpo_mlx.policy import lm_head_split
+
+    split = lm_head_split(model)
+    body = split[0] if split else model  # the body fills the cache; skip the lm-head
+    contexts = [p[:-1] for p in prompts]
+    layers = make_prompt_cache(model)
+    if all(type(c) is KVCache for c in layers):
+        width = max(map(len, contexts))
+        lefts = [width - len(c) for c in contexts]
+        cache = [BatchKVCache(lefts) for _ in layers]
+        x = mx.array([[0] * pad + c for pad, c in zip(lefts, contexts)], dtype=mx.int32)  # (B, P)
+        for start in range(0, width, PREFILL_STEP):
+            body(x[:, start : start + PREFILL_STEP], cache=cache)
+            mx.eval([c.state for c in cache])
+        rows = mx.array(np.repeat(np.arange(len(prompts)), group_size))  # (N,)
+        for c in cache:
+            c.filter(rows)
+        return cache
+    # any other cache type: one prompt at a time, then the type's own batch merge
+    per_prompt = []
+    for context in contexts:
+        c = make_prompt_cache(model)
+        for start in range(0, len(context), PREFILL_STEP):
+            body(mx.array(context[start : start + PREFILL_STEP])[None], cache=c)
+            mx.eval([layer.state for layer in c])
+        per_prompt.append(c)
+    rows = [c for c in per_prompt for _ in range(group_size)]
+    return [type(layer[0]).merge(list(layer)) for layer in zip(*rows)]
 
 
-def _make_token_sampler(temperature, top_p, top_k, min_p):
-    from mlx_lm.sample_utils import make_sampler
+# ------------------------------------------------------------------ sampling
 
+
+def _is_filtered(temperature, top_p, top_k, min_p) -> bool:
+    return temperature > 0 and (top_p < 1.0 or top_k > 0 or min_p > 0.0)
+
+
+def make_device_picker(temperature: float, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+                       keyed: bool = False, compiled: bool = True):
+    """A compiled function logits (n, V) -> (token (n,), log-probability (n,), entropy (n,)) on
+    MLX arrays. temperature 0 is greedy (log-probabilities then of the untempered distribution).
+    keyed: the function takes a second argument u (n, 1), the uniform numbers to sample with.
+    compiled=False gives the same function uncompiled (for `grpo-mlx bench`)."""
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_sampler
+
+    inv_temp = 1.0 / temperature if temperature > 0 else 1.0
+    chain = None
+    if _is_filtered(temperature, top_p, top_k, min_p):
+        # logits are tempered before the filters (as vLLM / TRL do), so the chain samples at temp 1
+        chain = make_sampler(temp=1.0, top_p=top_p if top_p < 1 else 0.0, top_k=top_k, min_p=min_p)
+
+    def filtered(logprobs):  # (n, V) -> (n, V) with -inf where top-p / top-k / min-p drop a token
+        if 0 < top_p < 1.0:
+            logprobs = apply_top_p(logprobs, top_p)
+        if min_p > 0.0:
+            logprobs = apply_min_p(logprobs, min_p)
+        if top_k > 0:
+            logprobs = apply_top_k(logprobs, top_k)
+        return logprobs
+
+    def pick(logits, u=None):
+        x = logits.astype(mx.float32) * inv_temp  # (n, V)
+        log_norm = mx.logsumexp(x, axis=-1, keepdims=True)  # (n, 1)
+        logprobs = x - log_norm  # (n, V)
+        if temperature == 0:
+            tok = mx.argmax(x, axis=-1)  # (n,)
+        elif chain is not None and u is None:
+            tok = chain(logprobs)  # (n,)
+        else:
+            weights = mx.exp(filtered(logprobs) if chain is not None else logprobs)  # (n, V)
+            cdf = mx.cumsum(weights, axis=-1)  # (n, V)
+            if u is None:
+                u = mx.random.uniform(shape=(x.shape[0], 1))  # (n, 1)
+            tok = mx.minimum((cdf < u * cdf[:, -1:]).astype(mx.int32).sum(axis=-1), x.shape[-1] - 1)  # (n,)
+        lp = mx.take_along_axis(logprobs, tok[:, None], axis=-1)[:, 0]  # (n,)
+        entropy = -(mx.exp(logprobs) * logprobs).sum(axis=-1)  # (n,)
+        return tok.astype(mx.int32), lp, entropy
+
+    if not compiled:
+        return pick
+    if keyed:
+        return mx.compile(lambda logits, u: pick(logits, u), inputs=mx.random.state, outputs=mx.random.state)
+    return mx.compile(pick, inputs=mx.random.state, outputs=mx.random.state)
+
+
+def host_pick(logits, temperature: float, u=None, block: int = 128):
+    """The unfiltered sampler of `make_device_picker`, in numpy: (token (n,), log-prob (n,),
+    entropy (n,)). u (n,): the uniform numbers to sample with (default: MLX's generator).
+
+    The inverse CDF is searched in two levels, over sums of `block` probabilities and then within
+    the block that holds the target, so no (n, V) cumulative sum is written."""
+    if logits.dtype != mx.float32:
+        logits = logits.astype(mx.float32)
+    x = np.asarray(logits)  # (n, V), evaluates the forward
+    if temperature > 0 and temperature != 1.0:
+        x = x * np.float32(1.0 / temperature)  # (n, V)
+    n, V = x.shape
+    rows = np.arange(n)
+    z = x - x.max(axis=1, keepdims=True)  # (n, V) logits - max
+    e = np.exp(z)  # (n, V) unnormalised probabilities
+    nb = -(-V // block)
+    blocks = (e if V % block == 0 else np.pad(e, ((0, 0), (0, nb * block - V)))).reshape(n, nb, block)
+    block_sums = blocks.sum(axis=2, dtype=np.float64)  # (n, nb)
+    total = block_sums.sum(axis=1)  # (n,)
     if temperature == 0:
-        return lambda logprobs: mx.argmax(logprobs, axis=-1)
-    # logits are tempered before the filters (as vLLM / TRL do), so the chain samples at temp 1
-    return make_sampler(temp=1.0, top_p=top_p if top_p < 1 else 0.0, top_k=top_k, min_p=min_p)
+        tok = x.argmax(axis=1)  # (n,)
+    else:
+        if u is None:
+            u = np.asarray(mx.random.uniform(shape=(n,)), dtype=np.float64)  # (n,) from MLX's generator
+        target = u * total  # (n,)
+        cum = np.cumsum(block_sums, axis=1)  # (n, nb)
+        b = np.minimum((cum < target[:, None]).sum(axis=1), nb - 1)  # (n,) the block holding the target
+        before = np.where(b > 0, cum[rows, np.maximum(b - 1, 0)], 0.0)  # (n,)
+        inside = before[:, None] + np.cumsum(blocks[rows, b], axis=1, dtype=np.float64)  # (n, block)
+        tok = np.minimum(b * block + (inside < target[:, None]).sum(axis=1), V - 1)  # (n,)
+    log_total = np.log(total)  # (n,)
+    lp = z[rows, tok] - log_total  # (n,)
+    entropy = log_total - np.einsum("ij,ij->i", e, z) / total  # (n,)
+    return tok.astype(np.int32), lp.astype(np.float32), entropy.astype(np.float32)
+
+
+# ------------------------------------------------------------------ the loop
 
 
 def _stop_cut(text: str, stop_strings) -> int | None:
@@ -80,79 +205,111 @@ def generate_groups(
     min_p: float = 0.0,
     stop: list[str] | tuple = (),
     stop_check_every: int = 4,
+    host_sampling: bool | None = None,
+    seeds: list[int] | None = None,
 ) -> Rollout:
     """Sample `group_size` completions of at most `max_tokens` for each prompt (token ids).
-    temperature 0 is greedy decoding."""
+    temperature 0 is greedy decoding. `host_sampling` forces the numpy (True) or MLX (False)
+    sampler; by default numpy on the CPU device for vocabularies of HOST_SAMPLING_MIN_VOCAB+.
+    `seeds` (one per prompt) key each prompt's random numbers, so its completions do not depend
+    on which other prompts share the batch (data-parallel ranks sample what one process would)."""
     if any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt: every prompt needs at least one token")
-    eos = sorted(tokenizer.eos_token_ids)
-    pad_id = eos[0] if eos else 0
-    sample = _make_token_sampler(temperature, top_p, top_k, min_p)
-    inv_temp = 1.0 / temperature if temperature > 0 else 1.0
-
-    cache = _shared_batch_cache([_prefill(model, p) for p in prompts], group_size)
+    eos = np.array(sorted(tokenizer.eos_token_ids), dtype=np.int64)
+    pad_id = int(eos[0]) if eos.size else 0
     n = len(prompts) * group_size
-    y = mx.array([p[-1] for p in prompts for _ in range(group_size)])  # (N,)
-    eos_arr = mx.array(eos) if eos else None
-    done = mx.zeros((n,), dtype=mx.bool_)  # (N,)
-    toks, lps, dones = [], [], []
 
-    def step(y, done):
-        logits = model(y[:, None], cache=cache)[:, -1, :].astype(mx.float32) * inv_temp  # (N, V)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # (N, V)
-        tok = sample(logprobs)  # (N,)
-        lp = mx.take_along_axis(logprobs, tok[:, None], axis=-1)[:, 0]  # (N,)
-        tok = mx.where(done, pad_id, tok)  # rows already finished emit padding
-        lp = mx.where(done, 0.0, lp)
-        hit_eos = mx.any(tok[:, None] == eos_arr[None], axis=-1) if eos_arr is not None else done
-        return tok, lp, done | hit_eos
+    t_start = time.perf_counter()
+    cache = prefill_groups(model, prompts, group_size)
+    t_prefill = time.perf_counter()
 
-    stop_at = np.full(n, -1)  # token index where a stop string ended each row
+    tokens = np.full((n, max_tokens), pad_id, dtype=np.int32)  # (N, T)
+    logprobs = np.zeros((n, max_tokens), dtype=np.float32)  # (N, T)
+    entropy = np.zeros((n, max_tokens), dtype=np.float32)  # (N, T)
+    uniforms = None  # (N, T) per-prompt keyed random numbers, when seeds are given
+    if seeds is not None and temperature > 0:
+        uniforms = np.concatenate([np.asarray(mx.random.uniform(shape=(group_size, max_tokens), key=mx.random.key(int(s))))
+                                   for s in seeds])
+    end = np.full(n, max_tokens + 1)  # (N,) tokens in each ended completion; T+1 while running
+    rows = np.arange(n)  # (n,) the original row of each row of the batch
+    y = mx.array([p[-1] for p in prompts for _ in range(group_size)], dtype=mx.int32)  # (n,)
+    device_pick = None
+    pending = None  # (t, rows, tok, lp) of the step not yet read back
+    steps = 0
+
+    def read_back(t, rows_t, tok, lp, ent):
+        tok, lp, ent = np.asarray(tok), np.asarray(lp), np.asarray(ent)  # (n,)
+        live = end[rows_t] > t  # (n,) rows that had not ended before step t
+        tokens[rows_t[live], t] = tok[live]
+        logprobs[rows_t[live], t] = lp[live]
+        entropy[rows_t[live], t] = ent[live]
+        ended = rows_t[live & np.isin(tok, eos)]
+        end[ended] = t + 1
+        if stop and (t + 1) % stop_check_every == 0:
+            _find_stop_strings(tokenizer, tokens, end, t + 1, stop)
+
     for t in range(max_tokens):
-        y, lp, done = step(y, done)
-        mx.async_eval(y, lp, done)
-        toks.append(y)
-        lps.append(lp)
-        dones.append(done)
-        if t == 0:
-            continue
-        # look at the previous step (already computed) so the device is never idle
-        if bool(mx.all(dones[-2]).item()):
+        logits = model(y[:, None], cache=cache)[:, -1, :]  # (n, V)
+        steps += 1
+        if host_sampling is None:
+            host_sampling = (mx.default_device() == mx.cpu and logits.shape[-1] >= HOST_SAMPLING_MIN_VOCAB
+                             and not _is_filtered(temperature, top_p, top_k, min_p))
+        u = None if uniforms is None else uniforms[rows, t]  # (n,)
+        if host_sampling:
+            tok, lp, ent = host_pick(logits, temperature, u)
+            y = mx.array(tok)
+        else:
+            device_pick = device_pick or make_device_picker(temperature, top_p, top_k, min_p, keyed=u is not None)
+            tok, lp, ent = device_pick(logits) if u is None else device_pick(logits, mx.array(u)[:, None])
+            mx.async_eval(tok, lp, ent)
+            y = tok
+        if pending is not None:  # the previous step, finished while this one was queued
+            read_back(*pending)
+        pending = (t, rows, tok, lp, ent)
+        if host_sampling:
+            read_back(*pending)
+            pending = None
+        done_by = t + 1 if pending is None else t  # steps read back so far
+        running = end[rows] > done_by  # (n,)
+        if not running.any():
+            pending = None  # every row had ended: the queued step is not needed
             break
-        if stop and t % stop_check_every == 0:
-            _find_stop_strings(tokenizer, toks[:-1], dones[-2], stop, stop_at)
-            if np.all((stop_at >= 0) | np.array(dones[-2])):
-                break
-
-    tokens = np.array(mx.stack(toks, axis=1)) if toks else np.zeros((n, 0), np.int32)  # (N, T)
-    logprobs = np.array(mx.stack(lps, axis=1)) if lps else np.zeros((n, 0), np.float32)  # (N, T)
-    finished = np.array(mx.stack(dones, axis=1)) if dones else np.zeros((n, 0), bool)  # (N, T)
+        if running.mean() <= 1.0 - COMPACT_FRACTION and all(hasattr(c, "filter") for c in cache):
+            keep = np.nonzero(running)[0]  # (n',)
+            index = mx.array(keep)
+            for c in cache:
+                c.filter(index)
+            y = y[index]
+            rows = rows[keep]
+    if pending is not None:
+        read_back(*pending)
     if stop:
-        _find_stop_strings(tokenizer, toks, dones[-1] if dones else done, stop, stop_at)
-    return _finish(tokenizer, tokens, logprobs, finished, stop_at, stop, pad_id, sum(map(len, prompts)))
+        _find_stop_strings(tokenizer, tokens, end, min(steps, max_tokens), stop)
+    t_decode = time.perf_counter()
+
+    width = min(steps, max_tokens)
+    roll = _finish(tokenizer, tokens[:, :width], logprobs[:, :width], end, stop, pad_id, sum(map(len, prompts)))
+    roll.entropy = np.where(roll.mask, entropy[:, :width], 0.0).astype(np.float32)  # (N, T)
+    roll.prefill_time, roll.decode_time, roll.decode_steps = t_prefill - t_start, t_decode - t_prefill, steps
+    return roll
 
 
-def _find_stop_strings(tokenizer, toks, done_prev, stop, stop_at):
-    """Mark rows whose text so far contains a stop string (rows not already ended by EOS)."""
-    ids = np.array(mx.stack(toks, axis=1))  # (N, t)
-    done_prev = np.array(done_prev)
-    for row in np.nonzero((stop_at < 0) & ~done_prev)[0]:
-        text = tokenizer.decode(ids[row].tolist())
-        if _stop_cut(text, stop) is not None:
-            # find the shortest prefix of tokens whose text contains the stop string
-            for k in range(1, ids.shape[1] + 1):
-                if _stop_cut(tokenizer.decode(ids[row, :k].tolist()), stop) is not None:
-                    stop_at[row] = k
+def _find_stop_strings(tokenizer, tokens, end, t, stop):
+    """End rows (not already ended) whose text within the first t tokens holds a stop string."""
+    for row in np.nonzero(end > t)[0]:
+        ids = tokens[row, :t].tolist()
+        if _stop_cut(tokenizer.decode(ids), stop) is not None:
+            # the shortest prefix of tokens whose text contains the stop string
+            for k in range(1, t + 1):
+                if _stop_cut(tokenizer.decode(ids[:k]), stop) is not None:
+                    end[row] = k
                     break
 
 
-def _finish(tokenizer, tokens, logprobs, finished, stop_at, stop, pad_id, prompt_tokens) -> Rollout:
+def _finish(tokenizer, tokens, logprobs, end, stop, pad_id, prompt_tokens) -> Rollout:
     n, t = tokens.shape
-    eos_step = np.where(finished.any(axis=1), finished.argmax(axis=1) + 1, t + 1)  # (N,) EOS at index-1
-    stop_step = np.where(stop_at >= 0, stop_at, t + 1)  # (N,)
-    ended = np.minimum(eos_step, stop_step)  # (N,)
-    lengths = np.minimum(ended, t)  # (N,)
-    reasons = ["stop" if e <= t else "length" for e in ended]
+    lengths = np.minimum(end, t)  # (N,)
+    reasons = ["stop" if e <= t else "length" for e in end]
     keep = np.arange(t)[None] < lengths[:, None]  # (N, T)
     tokens = np.where(keep, tokens, pad_id).astype(np.int32)  # (N, T)
     logprobs = np.where(keep, logprobs, 0.0).astype(np.float32)  # (N, T)
@@ -160,7 +317,7 @@ def _finish(tokenizer, tokens, logprobs, finished, stop_at, stop, pad_id, prompt
     texts = []
     for row in range(n):
         ids = tokens[row, : lengths[row]].tolist()
-        if ids and ids[-1] in eos_ids and eos_step[row] <= stop_step[row]:
+        if ids and ids[-1] in eos_ids and reasons[row] == "stop":
             ids = ids[:-1]
         text = tokenizer.decode(ids)
         cut = _stop_cut(text, stop) if stop else None

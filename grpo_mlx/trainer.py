@@ -32,7 +32,10 @@ from grpo_mlx.loss import kl_divergence, policy_loss
 from grpo_mlx.policy import adapters_disabled, adapters_replaced, add_adapters, completion_logprobs, load_model
 from grpo_mlx.sampler import Rollout, generate_groups
 
-BUCKET = 16  # pad sequence lengths to a multiple of this so the compiled step is rarely retraced
+# Sequence lengths are padded to shape buckets so that the compiled step is traced once per bucket,
+# not once per length: multiples of BUCKET up to 8 * BUCKET, then four sizes per octave (at most 25%
+# padding): 16, 32, ..., 128, 160, 192, 224, 256, 320, ...
+BUCKET = 16
 
 
 class TrainingStopped(RuntimeError):
@@ -74,10 +77,16 @@ def _round_up(n: int, k: int) -> int:
 def training_arrays(prompt_ids: list[list[int]], rollout: Rollout, group_size: int, pad_id: int):
     """Right-padded [prompt | completion] rows for the teacher-forced pass.
     Returns tokens (N, L), prompt_lens (N,), completion mask (N, T) as mx arrays."""
+    def bucket(size: int) -> int:
+        granule = BUCKET
+        while size > 8 * granule:
+            granule *= 2
+        return _round_up(size, granule)
+
     n, t = rollout.tokens.shape
-    t_pad = _round_up(t, BUCKET)
+    t_pad = bucket(t)
     lens = np.repeat([len(p) for p in prompt_ids], group_size)  # (N,)
-    L = _round_up(int(lens.max()) + t_pad, BUCKET)
+    L = bucket(int(lens.max()) + t_pad)
     tokens = np.full((n, L), pad_id, dtype=np.int32)  # (N, L)
     for row in range(n):
         p = prompt_ids[row // group_size]

@@ -1,0 +1,59 @@
+"""`grpo-mlx bench --quick`: every section runs and reports the figures the README quotes."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from grpo_mlx import cli
+
+
+def test_bench_module_imports_without_mlx():
+    code = "import sys, grpo_mlx.bench; print('mlx.core' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_quick_bench_on_the_demo(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert cli.main(["bench", "--quick", "--json", str(path)]) == 0
+    printed = capsys.readouterr().out
+    for heading in ("machine", "rollout", "train step", "log-prob pass", "OpenBLAS speed-up", "BatchGenerator"):
+        assert heading in printed
+    r = json.loads(path.read_text())
+    m = r["machine"]
+    assert m["matmul_gflops"] > 0 and m["bandwidth_gbs"]["ceiling"] > 0
+    assert m["blas_probe"]["bundled_gflops"] > 0 and m["blas_probe"]["speedup"] > 0
+    ro = r["rollout"]
+    for name in ("grpo_mlx", "batch_generator"):
+        assert ro[name]["generated"] == 2 * 2 * 8, "both generate the whole budget"
+        assert ro[name]["decode_tok_s"] > 0 and ro[name]["prefill_tok_s"] > 0
+    assert ro["decode_ratio"] > 0 and 0 < ro["decode_step"]["bandwidth_fraction"]
+    assert set(ro["sampling_ms"]) == {"mlx_lm_style", "mlx_eager", "mlx_compiled", "numpy_host"}
+    tr = r["train"]
+    for beta in ("beta_0", "beta_pos"):
+        for phase in ("rollout", "rewards", "reference", "loss_and_gradients", "update"):
+            assert tr[beta][phase] >= 0
+        assert tr[beta]["peak_gb"] > 0
+    assert tr["beta_0"]["reference"] < tr["beta_pos"]["reference"], "beta = 0 runs no reference pass"
+    assert tr["peak_ratio"] > 0 and tr["train_matmuls"]["gflops_6pt"] > 0
+    lp = r["logprobs"]
+    assert lp["chunked"]["peak_gb"] > 0 and lp["full_log_softmax_gb_at_64x512"] == pytest.approx(64 * 512 * 100 * 4 / 1e9)
+
+
+def test_quick_bench_on_a_random_model(tmp_path):
+    path = tmp_path / "bench.json"
+    args = ["bench", "--quick", "--random", "tiny:num_hidden_layers=1", "--only", "rollout", "logprobs", "--json", str(path)]
+    assert cli.main(args) == 0
+    r = json.loads(path.read_text())
+    assert r["model"]["layers"] == 1 and r["model"]["vocab"] == 8192
+    assert r["rollout"]["grpo_mlx"]["generated"] == r["rollout"]["batch_generator"]["generated"]
+    assert "machine" in r and "matmul_gflops" not in r["machine"]
+
+
+def test_unknown_random_architecture_is_one_sentence():
+    from grpo_mlx.bench import build_random_model
+
+    with pytest.raises(SystemExit, match="no preset or mlx-lm architecture named 'nonsense'"):
+        build_random_model("nonsense")
