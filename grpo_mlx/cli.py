@@ -178,8 +178,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from grpo_mlx.events import EventBus
     from grpo_mlx.trainer import Trainer
 
+    import mlx.core as mx
+
     bus = EventBus()
-    bus.subscribe(ProgressPrinter())
+    if mx.distributed.init().rank() == 0:  # under mlx.launch, one progress bar, not one per rank
+        bus.subscribe(ProgressPrinter())
     trainer = Trainer(cfg, bus)
     with graceful_stop(trainer.control):
         summary = trainer.run()

@@ -246,6 +246,7 @@ class Trainer:
         return generate_groups(
             self.model, self.tokenizer, [ex["prompt_ids"] for ex in examples], cfg.group_size,
             cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p, cfg.stop,
+            seeds=self._prompt_keys,
         )
 
     def score(self, examples, roll: Rollout, group_size: int):
@@ -403,6 +404,7 @@ class Trainer:
         # metrics describe the global batch: gather what is per completion, average what is per rank
         shown, lengths = self._gather(shown), self._gather(roll.lengths)
         clipped = self._gather(np.array([r == "length" for r in roll.finish_reasons], dtype=np.float32))
+        entropy = None if roll.entropy is None else self._gather(roll.entropy.sum(axis=1))  # (N,) per completion
         per_fn = {k: self._gather(v) for k, v in per_fn.items()}
         B = len(shown) // G
         n_gen = int(lengths.sum())
@@ -418,6 +420,7 @@ class Trainer:
             "completions/min_length": int(lengths.min()),
             "completions/max_length": int(lengths.max()),
             "completions/clipped_ratio": float(clipped.mean()),
+            **({} if entropy is None else {"entropy": float(entropy.sum() / max(lengths.sum(), 1))}),
             "num_tokens": n_gen,
             "step_time": step_time,
             "tokens_per_second": n_gen / max(self.timing["rollout"], 1e-9),
@@ -598,7 +601,7 @@ def _leaves(tree):
 
 def _slice_rollout(roll: Rollout, rows: slice) -> Rollout:
     return Rollout(roll.tokens[rows], roll.logprobs[rows], roll.lengths[rows], roll.finish_reasons[rows],
-                   roll.texts[rows], roll.prompt_tokens)
+                   roll.texts[rows], roll.prompt_tokens, entropy=None if roll.entropy is None else roll.entropy[rows])
 
 
 def _concat_rollouts(parts: list[Rollout]) -> Rollout:
@@ -614,4 +617,5 @@ def _concat_rollouts(parts: list[Rollout]) -> Rollout:
         [r for p in parts for r in p.finish_reasons],
         [s for p in parts for s in p.texts],
         sum({id(p.tokens.base): p.prompt_tokens for p in parts}.values()),
+        entropy=None if any(p.entropy is None for p in parts) else np.concatenate([pad(p.entropy, 0.0) for p in parts]),
     )

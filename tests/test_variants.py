@@ -196,3 +196,26 @@ def test_iterative_reference_resume_is_exact(tmp_path):
     b = mx.load(str(tmp_path / "b" / "run" / "adapters.safetensors"))
     for k in a:
         np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), atol=1e-6, err_msg=k)
+
+
+def test_sampler_records_the_entropy_of_its_distribution():
+    from grpo_mlx.sampler import host_pick, make_device_picker
+
+    logits = mx.random.normal((3, 50)) * 3  # (3, V)
+    x = np.array(logits, dtype=np.float64)
+    p = np.exp(x - x.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    expected = -(p * np.log(p)).sum(axis=1)  # (3,)
+    u = np.array([0.1, 0.5, 0.9])
+    tok_h, _, ent_h = host_pick(logits, 1.0, u)
+    tok_d, _, ent_d = make_device_picker(1.0, keyed=True)(logits, mx.array(u)[:, None])
+    close(ent_h, expected, 1e-4)
+    close(ent_d, expected, 1e-4)
+    assert np.array(tok_d).tolist() == tok_h.tolist(), "both samplers pick the same token for the same u"
+
+
+def test_trainer_logs_entropy(tmp_path):
+    t = Trainer(small(tmp_path, iters=1))
+    t.run()
+    m = step_metrics(t)[0]
+    assert 0 < m["entropy"] < math.log(100)
