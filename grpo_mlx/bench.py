@@ -543,8 +543,8 @@ def logprob_pass(model, shape, rows: int, temperature: float, quick: bool) -> di
     out = {"rows": rows, "vocab": V, "full_log_softmax_gb": full_gb,
            "full_log_softmax_gb_at_64x512": 64 * 512 * V * 4 / 1e9}
     variants = {"chunked": measure(True)}
-    total, _ = _memory()
-    if 3.5 * full_gb < 0.5 * total:  # whole logits need about 3x their size: skip when it would not fit
+    _, available = _memory()
+    if 3.5 * full_gb < 0.5 * available / 1e9:  # whole logits need about 3x their size: skip when they would not fit
         variants["whole"] = measure(False)
     else:
         out["whole"] = {"skipped": f"would need about {3.5 * full_gb:.1f} GB"}

@@ -57,3 +57,23 @@ def test_unknown_random_architecture_is_one_sentence():
 
     with pytest.raises(SystemExit, match="no preset or mlx-lm architecture named 'nonsense'"):
         build_random_model("nonsense")
+
+
+def test_whole_logits_are_skipped_when_they_would_not_fit(tmp_path, monkeypatch):
+    """The baseline of the log-prob pass materialises (rows, V) logits; on a machine without
+    room for them it is reported as skipped instead of being run into the OOM killer."""
+    from grpo_mlx import bench
+
+    rows, vocab = 256, 8192  # whole logits: 8.4 MB, needing about 29 MB
+    monkeypatch.setattr(bench, "_memory", lambda: (64 * 2**30, 40 * 2**20))  # 40 MB available
+    path = tmp_path / "bench.json"
+    args = ["bench", "--quick", "--random", "tiny:num_hidden_layers=1", "--only", "logprobs",
+            "--logprob-rows", str(rows), "--json", str(path)]
+    assert cli.main(args) == 0
+    lp = json.loads(path.read_text())["logprobs"]
+    assert lp["vocab"] == vocab and "would need about" in lp["whole"]["skipped"]
+    assert lp["chunked"]["peak_gb"] > 0
+
+    monkeypatch.setattr(bench, "_memory", lambda: (64 * 2**30, 8 * 2**30))  # 8 GB available: it runs
+    assert cli.main(args) == 0
+    assert json.loads(path.read_text())["logprobs"]["whole"]["peak_gb"] > 0
