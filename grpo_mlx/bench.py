@@ -295,6 +295,15 @@ def rollout_once(model, prompts, G, T, temperature) -> dict:
 
 
 def batch_generator_once(model, prompts, G, T, temperature) -> dict:
+    """mlx-lm's BatchGenerator on the same prompts, with the model's own MLP code (as mlx-lm
+    runs a model it loaded: without grpo_mlx.cpu_kernels)."""
+    from grpo_mlx.cpu_kernels import standard
+
+    with standard(model):
+        return _batch_generator_once(model, prompts, G, T, temperature)
+
+
+def _batch_generator_once(model, prompts, G, T, temperature) -> dict:
     import mlx.core as mx
     from mlx_lm.generate import BatchGenerator
     from mlx_lm.sample_utils import make_sampler
@@ -353,6 +362,27 @@ def sampling_step(n: int, vocab: int, temperature: float, repeats: int) -> dict:
     return {k: median(v) for k, v in runs.items()}
 
 
+def swiglu_step(n: int, width: int, repeats: int) -> dict:
+    """Milliseconds of one MLP's SwiGLU on (n, width): mlx-lm's and grpo_mlx.cpu_kernels'."""
+    import mlx.core as mx
+    from mlx_lm.models.activations import swiglu as mlx_lm_swiglu
+
+    from grpo_mlx.cpu_kernels import swiglu
+
+    gate, up = mx.random.normal((n, width)) * 2.0, mx.random.normal((n, width))
+    mx.eval(gate, up)
+
+    def timed(fn):
+        def once():
+            t = time.perf_counter()
+            mx.eval(fn(gate, up))
+            return 1000 * (time.perf_counter() - t)
+        return once
+
+    runs = alternate({"mlx_lm": timed(mlx_lm_swiglu), "cpu_kernels": timed(swiglu)}, repeats)
+    return {"rows": n, "width": width, **{k: median(v) for k, v in runs.items()}}
+
+
 def rollout(model, shape, prompts, s: dict, ceilings: dict) -> dict:
     B, G, T = len(prompts), s["group_size"], s["max_tokens"]
     runs = alternate({
@@ -386,6 +416,9 @@ def rollout(model, shape, prompts, s: dict, ceilings: dict) -> dict:
         out["decode_step"]["bandwidth_fraction"] = out["decode_step"]["gb_s"] / ceilings["bandwidth_gbs"]["ceiling"]
         out["decode_step"]["compute_fraction"] = out["decode_step"]["gflops"] / ceilings["matmul_gflops"]
     out["sampling_ms"] = sampling_step(n, shape["vocab"], s["temperature"], max(3, s["repeats"]))
+    width = getattr(getattr(model, "args", None), "intermediate_size", None)
+    if isinstance(width, int):
+        out["swiglu_ms"] = swiglu_step(n, width, max(3, s["repeats"]))
     return out
 
 
@@ -577,7 +610,7 @@ def bench(s: dict, sections: set) -> dict:
     import mlx.core as mx
 
     from grpo_mlx.config import DEMO_DATA, DEMO_MODEL
-    from grpo_mlx.policy import load_model, on_cpu
+    from grpo_mlx.policy import load_model, on_cpu, prepare_for_cpu
 
     report: dict = {"settings": {k: v for k, v in s.items() if isinstance(v, (str, int, float, bool, list, type(None)))}}
     if "machine" in sections:
@@ -595,8 +628,7 @@ def bench(s: dict, sections: set) -> dict:
     else:
         model, tokenizer = load_model(s["model"] or DEMO_MODEL)
         name = s["model"] or "demo"
-    if on_cpu():
-        model.set_dtype(mx.float32)  # the CPU's fast BLAS path is float32 only
+    prepare_for_cpu(model)  # as training runs it: float32 and the CPU SwiGLU (mlx-lm's baseline runs without)
     shape = model_shape(model)
     report["model"] = {"name": name, "device": "cpu" if on_cpu() else "gpu", **shape}
 
@@ -661,6 +693,10 @@ def print_report(r: dict) -> None:
         sm = ro["sampling_ms"]
         print(f"  sampling step ({ro['B'] * ro['G']} x {model['vocab']}): mlx-lm style {sm['mlx_lm_style']:.1f} ms, "
               f"ours MLX eager {sm['mlx_eager']:.1f} / compiled {sm['mlx_compiled']:.1f} / numpy {sm['numpy_host']:.1f} ms")
+        if "swiglu_ms" in ro:
+            sw = ro["swiglu_ms"]
+            print(f"  SwiGLU of one MLP ({sw['rows']} x {sw['width']}, x{model['layers']} layers a step): mlx-lm "
+                  f"{sw['mlx_lm']:.2f} ms, grpo_mlx.cpu_kernels {sw['cpu_kernels']:.2f} ms")
     if "train" in r:
         tr = r["train"]
         a, b = tr["beta_0"], tr["beta_pos"]

@@ -149,13 +149,10 @@ def compare(model, tokenizer, examples: list[dict], with_adapters: bool, **optio
 
 def load_for_eval(model_path: str, adapter_path: str | None):
     """The model (float32 on the CPU, as in training) with its adapters loaded, in eval mode."""
-    import mlx.core as mx
-
-    from grpo_mlx.policy import ModelLoadError, load_model, on_cpu
+    from grpo_mlx.policy import ModelLoadError, load_model, prepare_for_cpu
 
     model, tokenizer = load_model(model_path)
-    if on_cpu():
-        model.set_dtype(mx.float32)  # the CPU has a fast BLAS path only for float32
+    prepare_for_cpu(model)  # as in training: float32 and the CPU SwiGLU
     if adapter_path:
         from mlx_lm.tuner.utils import load_adapters
 

@@ -47,14 +47,23 @@ def on_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
 
+def prepare_for_cpu(model: nn.Module) -> None:
+    """On the CPU device: float32 weights (the CPU backend has a fast BLAS path only for
+    float32, shared/DESIGN.md §4) and the arithmetic SwiGLU of grpo_mlx.cpu_kernels (MLX's CPU
+    exp is slow). Nothing on a GPU."""
+    if on_cpu():
+        from grpo_mlx import cpu_kernels
+
+        model.set_dtype(mx.float32)
+        cpu_kernels.install(model)
+
+
 def add_adapters(model: nn.Module, cfg) -> dict:
     """Freeze the base model and add LoRA/DoRA layers through mlx-lm; return the
     `adapter_config.json` contents that mlx-lm's `load_adapters` understands."""
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    if on_cpu():
-        # The CPU backend has a fast BLAS path only for float32 (shared/DESIGN.md §4).
-        model.set_dtype(mx.float32)
+    prepare_for_cpu(model)
     model.freeze()
     num_layers = len(model.layers) if cfg.num_layers == -1 else min(cfg.num_layers, len(model.layers))
     lora_parameters = {"rank": cfg.lora_rank, "scale": cfg.lora_scale, "dropout": cfg.lora_dropout}

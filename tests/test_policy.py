@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from grpo_mlx.config import DEMO_DATA, DEMO_MODEL, build_config
-from grpo_mlx.policy import adapters_disabled, completion_logprobs, load_model
+from grpo_mlx import cpu_kernels
+from grpo_mlx.policy import adapters_disabled, completion_logprobs, load_model, prepare_for_cpu
 from grpo_mlx.sampler import generate_groups
 from grpo_mlx.trainer import Trainer, training_arrays
 
@@ -54,11 +55,13 @@ def test_qlora_trains_and_reference_is_the_quantized_base(tmp_path, quantized_mo
     with adapters_disabled(trainer.model):
         ref = logprobs(trainer.model, batch)
     base, _ = load_model(quantized_model)
-    base.set_dtype(mx.float32)
+    prepare_for_cpu(base)  # the base as grpo-mlx runs it
     assert np.array_equal(ref, logprobs(base, batch))
     assert np.abs(policy - ref).max() > 1e-3
     loaded, _ = load(quantized_model, adapter_path=str(trainer.run_dir))
     loaded.set_dtype(mx.float32)
+    with cpu_kernels.standard(trainer.model):  # mlx-lm's own code on both sides
+        policy = logprobs(trainer.model, batch)
     np.testing.assert_allclose(logprobs(loaded, batch), policy, atol=1e-5)
 
 
@@ -72,7 +75,7 @@ def test_dora_trains_and_its_reference_is_the_base(tmp_path):
     with adapters_disabled(trainer.model):
         ref = logprobs(trainer.model, batch)
     base, _ = load_model(DEMO_MODEL)
-    base.set_dtype(mx.float32)
+    prepare_for_cpu(base)
     # DoRA's base needs magnitude/norm, which is 1 only up to rounding: equal to float precision
     np.testing.assert_allclose(ref, logprobs(base, batch), atol=1e-5)
     assert np.abs(policy - ref).max() > 1e-3

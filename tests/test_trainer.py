@@ -11,7 +11,8 @@ import pytest
 
 from grpo_mlx.config import DEMO_DATA, DEMO_MODEL, build_config
 from grpo_mlx.events import EventBus, read_jsonl
-from grpo_mlx.policy import adapters_disabled, completion_logprobs, load_model
+from grpo_mlx import cpu_kernels
+from grpo_mlx.policy import adapters_disabled, completion_logprobs, load_model, prepare_for_cpu
 from grpo_mlx.trainer import Trainer, TrainingStopped, training_arrays
 
 
@@ -44,7 +45,7 @@ def trained(tmp_path_factory):
 
 def test_reference_pass_is_the_base_model_exactly(trained):
     base, _ = load_model(DEMO_MODEL)
-    base.set_dtype(mx.float32)
+    prepare_for_cpu(base)  # the base as grpo-mlx runs it
     policy_lp, batch = teacher_forced(trained, trained.model)
     tokens, lens, mask = batch
     base_lp = np.array(completion_logprobs(base, tokens, lens, mask.shape[1])) * np.array(mask)
@@ -69,7 +70,8 @@ def test_adapters_load_in_mlx_lm_with_same_logprobs(trained):
     model.set_dtype(mx.float32)
     model.eval()
     trained.model.eval()
-    policy_lp, (tokens, lens, mask) = teacher_forced(trained, trained.model)
+    with cpu_kernels.standard(trained.model):  # mlx-lm's own code on both sides
+        policy_lp, (tokens, lens, mask) = teacher_forced(trained, trained.model)
     loaded_lp = np.array(completion_logprobs(model, tokens, lens, mask.shape[1])) * np.array(mask)
     np.testing.assert_allclose(loaded_lp, policy_lp, atol=1e-5)
 
