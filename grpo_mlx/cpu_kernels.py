@@ -45,12 +45,33 @@ def exp(x: mx.array) -> mx.array:
     return p * two_n.astype(x.dtype)
 
 
-def _swiglu(gate: mx.array, up: mx.array) -> mx.array:
+def _forward(gate: mx.array, up: mx.array) -> mx.array:
     return gate / (1.0 + exp(-gate)) * up
 
 
+def _backward(gate: mx.array, up: mx.array, cotangent: mx.array):
+    sig = 1.0 / (1.0 + exp(-gate))  # sigmoid(gate)
+    d_gate = cotangent * up * sig * (1.0 + gate * (1.0 - sig))
+    return d_gate, cotangent * gate * sig
+
+
 # Not shapeless: the exponent-bits view needs shapes. A new shape traces once (milliseconds).
-swiglu = mx.compile(_swiglu)
+_forward_compiled = mx.compile(_forward)
+_backward_compiled = mx.compile(_backward)
+
+
+@mx.custom_function
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up. Its gradient is written out (one exp again) rather than differentiated
+    through the polynomial, whose chain of small operations would cost more in the backward pass
+    than mlx-lm's SwiGLU."""
+    return _forward_compiled(gate, up)
+
+
+@swiglu.vjp
+def _swiglu_vjp(primals, cotangent, output):
+    gate, up = primals
+    return _backward_compiled(gate, up, cotangent)
 
 
 def _fast_call(self, x):
