@@ -18,6 +18,8 @@ Choices, each measured with `grpo-mlx bench` (README, "Speed and memory"):
   evaluates exp one element at a time (~15 ns), numpy's is vectorised (~2 ns), and for a 150k
   vocabulary the softmax of 64 rows would otherwise cost as much as a 0.5B model's forward.
   Both paths draw the same random numbers from MLX's generator, so seeding works the same way.
+- On the CPU device the model's SwiGLU MLPs run grpo_mlx.cpu_kernels' arithmetic exp (installed
+  by policy.prepare_for_cpu, for training as well): the same exp cost, inside the model.
 - Bookkeeping (tokens, EOS, stop strings, lengths) lives in numpy arrays and costs a few
   vectorised operations a step; step t's tokens are read back while step t+1 runs.
 """
