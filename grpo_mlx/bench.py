@@ -119,6 +119,15 @@ def alternate(variants: dict, repeats: int) -> dict:
     return results
 
 
+def timer(fn, scale: float = 1.0):
+    """A function that runs fn() and returns its wall time in seconds times scale."""
+    def once():
+        t = time.perf_counter()
+        fn()
+        return scale * (time.perf_counter() - t)
+    return once
+
+
 def medians(rows: list[dict]) -> dict:
     """Median of each numeric field over a list of result dicts."""
     return {k: median([r[k] for r in rows]) for k in rows[0] if isinstance(rows[0][k], (int, float))}
@@ -244,14 +253,7 @@ def bandwidth(mb: int) -> dict:
         "numpy_copy": (lambda: np.copyto(out, a), 2),
     }
 
-    def timed(fn):
-        def once():
-            t = time.perf_counter()
-            fn()
-            return time.perf_counter() - t
-        return once
-
-    runs = alternate({k: timed(fn) for k, (fn, _) in probes.items()}, 3)
+    runs = alternate({k: timer(fn) for k, (fn, _) in probes.items()}, 3)
     result = {k: mult * a.nbytes / median(runs[k]) / 1e9 for k, (_, mult) in probes.items()}
     result["ceiling"] = max(result.values())
     return result
@@ -346,18 +348,11 @@ def sampling_step(n: int, vocab: int, temperature: float, repeats: int) -> dict:
         tok = chain(logprobs)
         mx.eval(tok, mx.take_along_axis(logprobs, tok[:, None], axis=-1))
 
-    def timed(fn):
-        def once():
-            t = time.perf_counter()
-            fn()
-            return 1000 * (time.perf_counter() - t)
-        return once
-
     runs = alternate({
-        "mlx_lm_style": timed(mlx_lm_style),
-        "mlx_eager": timed(lambda: mx.eval(*eager(logits))),
-        "mlx_compiled": timed(lambda: mx.eval(*compiled(logits))),
-        "numpy_host": timed(lambda: host_pick(logits, temperature)),
+        "mlx_lm_style": timer(mlx_lm_style, 1000),
+        "mlx_eager": timer(lambda: mx.eval(*eager(logits)), 1000),
+        "mlx_compiled": timer(lambda: mx.eval(*compiled(logits)), 1000),
+        "numpy_host": timer(lambda: host_pick(logits, temperature), 1000),
     }, repeats)
     return {k: median(v) for k, v in runs.items()}
 
@@ -372,14 +367,8 @@ def swiglu_step(n: int, width: int, repeats: int) -> dict:
     gate, up = mx.random.normal((n, width)) * 2.0, mx.random.normal((n, width))
     mx.eval(gate, up)
 
-    def timed(fn):
-        def once():
-            t = time.perf_counter()
-            mx.eval(fn(gate, up))
-            return 1000 * (time.perf_counter() - t)
-        return once
-
-    runs = alternate({"mlx_lm": timed(mlx_lm_swiglu), "cpu_kernels": timed(swiglu)}, repeats)
+    runs = alternate({"mlx_lm": timer(lambda: mx.eval(mlx_lm_swiglu(gate, up)), 1000),
+                      "cpu_kernels": timer(lambda: mx.eval(swiglu(gate, up)), 1000)}, repeats)
     return {"rows": n, "width": width, **{k: median(v) for k, v in runs.items()}}
 
 
@@ -576,8 +565,7 @@ def logprob_pass(model, shape, rows: int, temperature: float, quick: bool) -> di
     out = {"rows": rows, "vocab": V, "full_log_softmax_gb": full_gb,
            "full_log_softmax_gb_at_64x512": 64 * 512 * V * 4 / 1e9}
     variants = {"chunked": measure(True)}
-    _, available = _memory()
-    if 3.5 * full_gb < 0.5 * available / 1e9:  # whole logits need about 3x their size: skip when they would not fit
+    if 3.5 * full_gb < 0.5 * _available_memory() / 1e9:  # whole logits need about 3x their size: skip when they would not fit
         variants["whole"] = measure(False)
     else:
         out["whole"] = {"skipped": f"would need about {3.5 * full_gb:.1f} GB"}
@@ -590,15 +578,13 @@ def logprob_pass(model, shape, rows: int, temperature: float, quick: bool) -> di
     return out
 
 
-def _memory():
-    """(total, available) bytes of RAM, from /proc/meminfo (or sysconf)."""
+def _available_memory() -> int:
+    """Bytes of RAM available, from /proc/meminfo (or the total, from sysconf)."""
     try:
         info = dict(line.split(":", 1) for line in open("/proc/meminfo", encoding="ascii"))
-        kb = lambda k: int(info[k].split()[0]) * 1024  # noqa: E731
-        return kb("MemTotal"), kb("MemAvailable")
+        return int(info["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return total, total
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 # ------------------------------------------------------------------ the run

@@ -65,7 +65,7 @@ def test_whole_logits_are_skipped_when_they_would_not_fit(tmp_path, monkeypatch)
     from grpo_mlx import bench
 
     rows, vocab = 256, 8192  # whole logits: 8.4 MB, needing about 29 MB
-    monkeypatch.setattr(bench, "_memory", lambda: (64 * 2**30, 40 * 2**20))  # 40 MB available
+    monkeypatch.setattr(bench, "_available_memory", lambda: 40 * 2**20)  # 40 MB available
     path = tmp_path / "bench.json"
     args = ["bench", "--quick", "--random", "tiny:num_hidden_layers=1", "--only", "logprobs",
             "--logprob-rows", str(rows), "--json", str(path)]
@@ -74,6 +74,6 @@ def test_whole_logits_are_skipped_when_they_would_not_fit(tmp_path, monkeypatch)
     assert lp["vocab"] == vocab and "would need about" in lp["whole"]["skipped"]
     assert lp["chunked"]["peak_gb"] > 0
 
-    monkeypatch.setattr(bench, "_memory", lambda: (64 * 2**30, 8 * 2**30))  # 8 GB available: it runs
+    monkeypatch.setattr(bench, "_available_memory", lambda: 8 * 2**30)  # 8 GB available: it runs
     assert cli.main(args) == 0
     assert json.loads(path.read_text())["logprobs"]["whole"]["peak_gb"] > 0

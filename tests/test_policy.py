@@ -42,6 +42,19 @@ def quantized_model(tmp_path_factory):
     return str(path)
 
 
+def policy_reference_base(trainer, base_path):
+    """Log-probs of a fixed batch under the trained policy, under the same model with its
+    adapters off, and under the base loaded afresh as grpo-mlx runs it: (batch, policy, ref, base)."""
+    batch = fixed_batch(trainer)
+    trainer.model.eval()
+    policy = logprobs(trainer.model, batch)
+    with adapters_disabled(trainer.model):
+        ref = logprobs(trainer.model, batch)
+    base, _ = load_model(base_path)
+    prepare_for_cpu(base)
+    return batch, policy, ref, logprobs(base, batch)
+
+
 def test_qlora_trains_and_reference_is_the_quantized_base(tmp_path, quantized_model):
     import mlx.nn as nn
     from mlx_lm import load
@@ -49,14 +62,8 @@ def test_qlora_trains_and_reference_is_the_quantized_base(tmp_path, quantized_mo
     trainer = Trainer(config(tmp_path, model=quantized_model))
     trainer.run()
     assert any(isinstance(m, nn.QuantizedLinear) for _, m in trainer.model.named_modules()), "the base stays quantized"
-    batch = fixed_batch(trainer)
-    trainer.model.eval()
-    policy = logprobs(trainer.model, batch)
-    with adapters_disabled(trainer.model):
-        ref = logprobs(trainer.model, batch)
-    base, _ = load_model(quantized_model)
-    prepare_for_cpu(base)  # the base as grpo-mlx runs it
-    assert np.array_equal(ref, logprobs(base, batch))
+    batch, policy, ref, base = policy_reference_base(trainer, quantized_model)
+    assert np.array_equal(ref, base)
     assert np.abs(policy - ref).max() > 1e-3
     loaded, _ = load(quantized_model, adapter_path=str(trainer.run_dir))
     loaded.set_dtype(mx.float32)
@@ -69,15 +76,9 @@ def test_dora_trains_and_its_reference_is_the_base(tmp_path):
     trainer = Trainer(config(tmp_path, fine_tune_type="dora"))
     trainer.run()
     assert json.loads((trainer.run_dir / "adapter_config.json").read_text())["fine_tune_type"] == "dora"
-    batch = fixed_batch(trainer)
-    trainer.model.eval()
-    policy = logprobs(trainer.model, batch)
-    with adapters_disabled(trainer.model):
-        ref = logprobs(trainer.model, batch)
-    base, _ = load_model(DEMO_MODEL)
-    prepare_for_cpu(base)
+    batch, policy, ref, base = policy_reference_base(trainer, DEMO_MODEL)
     # DoRA's base needs magnitude/norm, which is 1 only up to rounding: equal to float precision
-    np.testing.assert_allclose(ref, logprobs(base, batch), atol=1e-5)
+    np.testing.assert_allclose(ref, base, atol=1e-5)
     assert np.abs(policy - ref).max() > 1e-3
     np.testing.assert_array_equal(logprobs(trainer.model, batch), policy)  # restored after the block
 

@@ -39,6 +39,13 @@ def screen_text(app) -> str:
     return "\n".join(line.rstrip() for line in console.export_text().splitlines())
 
 
+async def press(pilot, *keys) -> str:
+    """Press the keys, let the app settle, and return the screen's text."""
+    await pilot.press(*keys)
+    await pilot.pause()
+    return screen_text(pilot.app)
+
+
 def check_snapshot(app, name: str) -> None:
     text = screen_text(app)
     path = SNAPSHOTS / f"{name}.txt"
@@ -172,28 +179,20 @@ def test_dashboard_shows_progress_charts_advantages_and_samples(tmp_path):
             charts = {c.metric for c in app.screen.query(Chart)}
             assert {"rewards/accuracy/mean", "rewards/format/mean", "kl", "completions/clipped_ratio"} <= charts
             assert "reward: accuracy" in text and "0.84" in text  # the accuracy chart's latest value
-            await pilot.press("2")
-            await pilot.pause()
-            text = screen_text(app)
+            text = await press(pilot, "2")
             assert "distribution of 8 advantages (2 groups)" in text
             assert "group 1: 21+31=" in text and "+0.87" in text and "-0.87" in text
-            await pilot.press("3")
-            await pilot.pause()
-            text = screen_text(app)
+            text = await press(pilot, "3")
             assert "step 12  (latest)" in text and "prompt: 21+31=" in text
             assert "advantage -0.870  total 0.5  accuracy 0  format 0.5  len 8  length (cut)" in text
-            await pilot.press("left_square_bracket", "left_square_bracket")
-            await pilot.pause()
-            text = screen_text(app)
+            text = await press(pilot, "left_square_bracket", "left_square_bracket")
             assert "step 10  (10 of 12 logged)" in text and "prompt: 19+29=" in text
             app.feed_many(scripted_run(steps=13)[-2:])  # a new step arrives while browsing
             await pilot.pause()
             assert "step 10  (10 of 13 logged)" in screen_text(app)
-            await pilot.press("end")
-            await pilot.pause()
+            await press(pilot, "end")
             assert "step 13  (latest)" in screen_text(app)
-            await pilot.press("4")
-            await pilot.pause()
+            await press(pilot, "4")
             assert "held-out (before, 20 prompts, greedy): accuracy 45.0%" in screen_text(app)
 
     run(go())
@@ -206,11 +205,9 @@ def test_dashboard_snapshots(tmp_path):
             app.feed_many(scripted_run())
             await pilot.pause()
             check_snapshot(app, "dashboard_charts")
-            await pilot.press("2")
-            await pilot.pause()
+            await press(pilot, "2")
             check_snapshot(app, "dashboard_advantages")
-            await pilot.press("3")
-            await pilot.pause()
+            await press(pilot, "3")
             check_snapshot(app, "dashboard_samples")
 
     run(go())
@@ -334,18 +331,15 @@ def test_quitting_an_active_run_asks_first(fake_trainer):
         app = GrpoApp(config=build_config({}))
         async with app.run_test(size=SIZE) as pilot:
             await pilot.pause()
-            await pilot.press("s")
-            await pilot.pause()
+            await press(pilot, "s")
             app.feed_many(scripted_run(steps=1))
             await pilot.pause()
-            await pilot.press("q")
-            await pilot.pause()
+            await press(pilot, "q")
             assert isinstance(app.screen, ConfirmQuit)
             await pilot.press("escape")  # cancel
             await pilot.pause()
             assert isinstance(app.screen, DashboardScreen) and app.is_running
-            await pilot.press("q")
-            await pilot.pause()
+            await press(pilot, "q")
             await pilot.click("#stop")  # stop, save, then quit when the run has ended
             await pilot.pause()
             (_, controls), = fake_trainer
@@ -368,11 +362,8 @@ def test_a_failing_run_is_reported(monkeypatch):
         app = GrpoApp(config=build_config({}))
         async with app.run_test(size=SIZE) as pilot:
             await pilot.pause()
-            await pilot.press("s")
-            await pilot.pause()
-            await pilot.press("4")
-            await pilot.pause()
-            text = screen_text(app)
+            await press(pilot, "s")
+            text = await press(pilot, "4")
             assert "FAILED" in text and "error: model not found: nowhere" in text
 
     run(go())
