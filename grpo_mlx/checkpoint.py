@@ -21,8 +21,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from grpo_mlx.policy import save_adapters
+from grpo_mlx.errors import UserError
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint could not be written (full disk, permissions); earlier ones are intact."""
 
 

@@ -211,16 +211,9 @@ def graceful_stop(control):
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input: shown as one sentence, no traceback."""
-    from grpo_mlx.data import DataError
-    from grpo_mlx.rewards import RewardFunctionError, RewardSpecError
+    from grpo_mlx.errors import UserError
 
-    errors: list[type[BaseException]] = [ConfigError, DataError, RewardSpecError, RewardFunctionError, FileNotFoundError]
-    if "grpo_mlx.policy" in sys.modules:
-        errors.append(sys.modules["grpo_mlx.policy"].ModelLoadError)
-    if "grpo_mlx.trainer" in sys.modules:
-        errors.append(sys.modules["grpo_mlx.trainer"].TrainingStopped)
-        errors.append(sys.modules["grpo_mlx.checkpoint"].CheckpointError)
-    return tuple(errors)
+    return (UserError, FileNotFoundError)
 
 
 def _refuse_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str]) -> None:

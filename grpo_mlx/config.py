@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+from grpo_mlx.errors import UserError
 
 DEMO_DIR = Path(__file__).parent / "demo"
 DEMO_MODEL = str(DEMO_DIR / "model")
@@ -125,7 +126,7 @@ DEMO_DEFAULTS: dict[str, Any] = dict(
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem; the message names the key (and file/line when known)."""
 
 

@@ -21,13 +21,14 @@ import fnmatch
 import json
 import re
 from pathlib import Path
+from grpo_mlx.errors import UserError
 
 ROLES = ("system", "user", "assistant")
 HUB_ID = re.compile(r"^\w[\w.-]*/\w[\w.-]*$")  # owner/name; "./x" or "x/y.jsonl" are paths
 HUB_SPLIT_NAMES = {"valid": ["valid", "validation"]}  # the Hub's usual name for mlx-lm's "valid"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem with the data, with a message naming the file, line and key."""
 
 

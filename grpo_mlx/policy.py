@@ -18,9 +18,10 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from grpo_mlx.loss import token_logprobs_from_logits
+from grpo_mlx.errors import UserError
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """The model path or repo id does not give an mlx-lm model."""
 
 

@@ -34,15 +34,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from grpo_mlx.errors import UserError
 
 RewardFn = Callable[..., list]
 
 
-class RewardSpecError(ValueError):
+class RewardSpecError(UserError, ValueError):
     """A reward spec (built-in name, file.py:fn, module:fn) cannot be resolved."""
 
 
-class RewardFunctionError(RuntimeError):
+class RewardFunctionError(UserError, RuntimeError):
     """A reward function raised or returned something unusable; the trainer stops cleanly."""
 
     def __init__(self, message: str, function_name: str, completion: str, index: int | None = None):

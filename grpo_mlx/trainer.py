@@ -31,6 +31,7 @@ from grpo_mlx.advantages import compute_advantages
 from grpo_mlx.loss import kl_divergence, policy_loss
 from grpo_mlx.policy import adapters_disabled, adapters_replaced, add_adapters, completion_logprobs, load_model
 from grpo_mlx.sampler import Rollout, generate_groups
+from grpo_mlx.errors import UserError
 
 # Sequence lengths are padded to shape buckets so that the compiled step is traced once per bucket,
 # not once per length: multiples of BUCKET up to 8 * BUCKET, then four sizes per octave (at most 25%
@@ -38,7 +39,7 @@ from grpo_mlx.sampler import Rollout, generate_groups
 BUCKET = 16
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(UserError, RuntimeError):
     """The run ended early on purpose (a reward function failed); a checkpoint was saved."""
 
 
