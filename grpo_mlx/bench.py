@@ -9,8 +9,9 @@ noise falls on both, and reports medians:
   BatchGenerator on the same B x G prompts, sampling settings and token budget (no stop token
   can occur, so both generate the whole budget); the decode step's share of the bandwidth and
   compute ceilings; the sampling step alone (MLX eager / compiled / numpy);
-- a train step split into rollout, rewards, reference pass, loss + gradients and update, with
-  beta = 0 and beta > 0, its peak memory, and the training matmuls' share of the compute ceiling;
+- the trainer's own step (Trainer.train_step) split into the phases it records (rollout,
+  rewards, reference pass, loss + gradients + update), with beta = 0 and beta > 0, its peak
+  memory, and the training matmuls' share of the compute ceiling;
 - the log-probability pass: peak memory of the chunked pass and of whole (rows, V) logits.
 
 Models: the demo (default), `--model DIR`, or `--random NAME[:key=value,...]`, a random-weight
@@ -27,28 +28,9 @@ import subprocess
 import sys
 import time
 
-HELP = "Measure rollout and training speed, memory and this machine's ceilings (a table; --json for a file)."
+from grpo_mlx.testing import PRESETS, NoStopTokenizer, build_random_model
 
-# Random-weight models: (mlx-lm architecture, config). Shapes of the public models they are named after.
-PRESETS: dict[str, tuple[str, dict]] = {
-    "qwen2.5-0.5b": ("qwen2", dict(hidden_size=896, num_hidden_layers=24, intermediate_size=4864, num_attention_heads=14,
-                                   num_key_value_heads=2, vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1e6,
-                                   tie_word_embeddings=True, max_position_embeddings=32768)),
-    "qwen2.5-1.5b": ("qwen2", dict(hidden_size=1536, num_hidden_layers=28, intermediate_size=8960, num_attention_heads=12,
-                                   num_key_value_heads=2, vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1e6,
-                                   tie_word_embeddings=True, max_position_embeddings=32768)),
-    "qwen3-0.6b": ("qwen3", dict(hidden_size=1024, num_hidden_layers=28, intermediate_size=3072, num_attention_heads=16,
-                                 num_key_value_heads=8, head_dim=128, vocab_size=151936, rms_norm_eps=1e-6,
-                                 rope_theta=1e6, tie_word_embeddings=True, max_position_embeddings=40960)),
-    "llama-3.2-1b": ("llama", dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
-                                   num_key_value_heads=8, vocab_size=128256, rms_norm_eps=1e-5, rope_theta=5e5,
-                                   tie_word_embeddings=True)),
-    "smollm2-135m": ("llama", dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536, num_attention_heads=9,
-                                   num_key_value_heads=3, vocab_size=49152, rms_norm_eps=1e-5, rope_theta=1e5,
-                                   tie_word_embeddings=True)),
-    "tiny": ("llama", dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=8192, rms_norm_eps=1e-5, tie_word_embeddings=True)),
-}
+HELP = "Measure rollout and training speed, memory and this machine's ceilings (a table; --json for a file)."
 
 DEFAULTS = dict(batch_size=8, group_size=8, max_tokens=128, prompt_tokens=24, temperature=1.0, repeats=5,
                 train_repeats=3, beta=0.04, matmul_size=2048, bandwidth_mb=256, blas_probe_size=1024)
@@ -131,41 +113,6 @@ def timer(fn, scale: float = 1.0):
 def medians(rows: list[dict]) -> dict:
     """Median of each numeric field over a list of result dicts."""
     return {k: median([r[k] for r in rows]) for k in rows[0] if isinstance(rows[0][k], (int, float))}
-
-
-class NoStopTokenizer:
-    """A tokenizer stand-in whose stop token can never be sampled (so every completion runs to
-    its token budget) and whose decoding is free (these benchmarks score no text)."""
-
-    eos_token_ids: list = []
-
-    def decode(self, ids) -> str:
-        return ""
-
-
-def build_random_model(spec: str):
-    """A random-weight mlx-lm model from `NAME[:key=value,...]`."""
-    import importlib
-
-    import mlx.core as mx
-
-    name, _, overrides = spec.partition(":")
-    arch, config = PRESETS.get(name, (name, {}))
-    config = dict(config)
-    for item in filter(None, overrides.split(",")):
-        key, _, value = item.partition("=")
-        config[key.strip()] = json.loads(value) if value.strip()[:1] in "-0123456789[{tf" else value
-    try:
-        module = importlib.import_module(f"mlx_lm.models.{arch}")
-    except ImportError:
-        raise SystemExit(f"grpo-mlx bench: --random {spec}: no preset or mlx-lm architecture named {arch!r} "
-                         f"(presets: {', '.join(PRESETS)})") from None
-    model = module.Model(module.ModelArgs.from_dict({"model_type": arch, **config}))
-    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
-    if embed is not None:  # logits with a trained model's spread (std ~3), not N(0, 1) embeddings' ~30
-        embed.weight = embed.weight * (3.0 / config.get("hidden_size", 1) ** 0.5)
-    mx.eval(model.parameters())
-    return model, f"random {name} ({arch})"
 
 
 def model_shape(model) -> dict:
@@ -415,101 +362,51 @@ def rollout(model, shape, prompts, s: dict, ceilings: dict) -> dict:
 
 
 def train(model, shape, prompts, answers, tokenizer, s: dict, ceilings: dict) -> dict:
-    """Time one GRPO step's phases directly, as the trainer runs them, with beta = 0 and > 0."""
+    """Time the trainer's own step (Trainer.train_step), phase by phase from the time/* figures
+    it records, with beta = 0 and beta > 0 alternating; each step starts from the same adapters."""
     import mlx.core as mx
-    import mlx.nn as nn
-    import mlx.optimizers as optim
-    import numpy as np
     from mlx.utils import tree_flatten
 
-    from grpo_mlx import rewards
     from grpo_mlx.config import DEMO_DATA, build_config
-    from grpo_mlx.loss import group_advantages, policy_loss
-    from grpo_mlx.policy import adapters_disabled, add_adapters, completion_logprobs
-    from grpo_mlx.sampler import generate_groups
-    from grpo_mlx.trainer import training_arrays
+    from grpo_mlx.policy import add_adapters
+    from grpo_mlx.trainer import Trainer, make_optimizer
 
     G, T = s["train_group_size"], s["train_max_tokens"]
-    cfg = build_config({"model": s.get("model") or None, "data": DEMO_DATA, "num_layers": -1 if s["is_demo"] else 16})
-    add_adapters(model, cfg)
+    options = {"model": s.get("model") or None, "data": DEMO_DATA, "num_layers": -1 if s["is_demo"] else 16,
+               "batch_size": len(prompts), "group_size": G, "max_completion_length": T,
+               "temperature": s["temperature"], "learning_rate": 1e-5, "samples_per_step": 0,
+               "reward_functions": ["accuracy" if answers else "length"]}
+    cfg = build_config(options)
+    adapter_config = add_adapters(model, cfg)
     initial = tree_flatten(model.trainable_parameters())
-    optimizer = optim.AdamW(learning_rate=1e-5)
-    reward_fns = [rewards.resolve_reward("accuracy" if answers else "length", max_completion_length=T)]
-    pad_id = sorted(tokenizer.eos_token_ids)[0] if tokenizer.eos_token_ids else 0
+    examples = [{"prompt": "", "prompt_text": "", "prompt_ids": p, **({"answer": answers[i]} if answers else {})}
+                for i, p in enumerate(prompts)]
+    trainers = {name: Trainer.from_parts(build_config({**options, "beta": beta}), model, tokenizer, examples,
+                                         adapter_config=adapter_config)
+                for name, beta in (("beta_0", 0.0), ("beta_pos", s["beta"]))}
 
-    def make_step(beta):
-        def loss_fn(tokens, prompt_lens, mask, adv, ref_logp):
-            logp = completion_logprobs(model, tokens, prompt_lens, mask.shape[1], s["temperature"])  # (N, T)
-            loss, _ = policy_loss(logp, mx.stop_gradient(logp), ref_logp, adv, mask, beta=beta)
-            return loss
-
-        state = [model.state, mx.random.state]
-        return mx.compile(nn.value_and_grad(model, loss_fn), inputs=state, outputs=state)
-
-    steps = {}
-
-    def one_step(beta, seed=0):
+    def one_step(trainer):
         model.load_weights(initial, strict=False)
+        trainer.optimizer = make_optimizer(trainer.cfg)
+        trainer.state["data_position"] = 0
         mx.eval(model.parameters())
-        step = steps.setdefault(beta, make_step(beta))
-        mx.random.seed(seed)
-        times = {}
         mx.synchronize()
-        mx.reset_peak_memory()
-        t = time.perf_counter()
-        roll = generate_groups(model, tokenizer, prompts, G, T, s["temperature"])
-        times["rollout"] = time.perf_counter() - t
-        rollout_peak = mx.get_peak_memory()
+        m = trainer.train_step(0)
+        times = {phase: m[f"time/{phase}"] for phase in ("rollout", "rewards", "reference", "update")}
+        return dict(**times, step=m["step_time"], peak_gb=m["peak_memory_gb"], generated=m["num_tokens"],
+                    mean_length=m["completions/mean_length"])
 
-        t = time.perf_counter()
-        rows = [i for i in range(len(prompts)) for _ in range(G)]
-        columns = {"completion_ids": [roll.tokens[i, : roll.lengths[i]].tolist() for i in range(len(rows))]}
-        if answers:
-            columns["answer"] = [answers[i] for i in rows]
-        scored = rewards.compute_rewards(reward_fns, None, [""] * len(rows), roll.texts, columns)
-        adv = group_advantages(mx.array(scored.total.reshape(len(prompts), G), dtype=mx.float32)).reshape(-1)  # (N,)
-        tokens, prompt_lens, mask = training_arrays(prompts, roll, G, pad_id)
-        mx.eval(adv, tokens, prompt_lens, mask)
-        times["rewards"] = time.perf_counter() - t
-
-        mx.reset_peak_memory()
-        t = time.perf_counter()
-        ref = None
-        if beta > 0:
-            model.eval()
-            with adapters_disabled(model):
-                ref = mx.stop_gradient(completion_logprobs(model, tokens, prompt_lens, mask.shape[1], s["temperature"]))
-            mx.eval(ref)
-            model.train()
-        times["reference"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        loss, grads = step(tokens, prompt_lens, mask, adv, ref)
-        mx.eval(loss, grads)
-        times["loss_and_gradients"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        grads, _ = optim.clip_grad_norm(grads, 1.0)
-        optimizer.update(model, grads)
-        mx.eval(model.trainable_parameters(), optimizer.state)
-        times["update"] = time.perf_counter() - t
-        train_peak = mx.get_peak_memory()
-        times["step"] = sum(times.values())
-        return dict(**times, peak_gb=max(rollout_peak, train_peak) / 1e9, train_peak_gb=train_peak / 1e9,
-                    rows=int(tokens.shape[0]), seq_len=int(tokens.shape[1]), completion_len=int(mask.shape[1]),
-                    mean_length=float(roll.lengths.mean()))
-
-    runs = alternate({"beta_0": lambda: one_step(0.0), "beta_pos": lambda: one_step(s["beta"])}, s["train_repeats"])
+    runs = alternate({name: (lambda t=t: one_step(t)) for name, t in trainers.items()}, s["train_repeats"])
     out = {"B": len(prompts), "G": G, "max_tokens": T, "beta": s["beta"], "repeats": s["train_repeats"]}
     for name, rows in runs.items():
         out[name] = {**medians(rows), "runs": rows}
     out["peak_ratio"] = out["beta_pos"]["peak_gb"] / out["beta_0"]["peak_gb"]
-    out["train_peak_ratio"] = out["beta_pos"]["train_peak_gb"] / out["beta_0"]["train_peak_gb"]
-    # training matmuls: the body over every position, the head over the completion positions
+    # training matmuls: the body over every real position, the head over the completion tokens
     m = out["beta_0"]
-    body_tokens, head_tokens = m["rows"] * (m["seq_len"] - 1), m["rows"] * m["completion_len"]
+    head_tokens = m["generated"]
+    body_tokens = G * sum(len(p) for p in prompts) + head_tokens
     pass_flops = 2 * (shape["block_params"] * body_tokens + shape["head_params"] * head_tokens)
-    seconds = m["loss_and_gradients"]
+    seconds = m["update"]  # loss + gradients + AdamW of the one update
     out["train_matmuls"] = {
         "tokens": body_tokens,
         "gflops_6pt": 3 * pass_flops / seconds / 1e9,  # the usual 6 * params * tokens
@@ -593,7 +490,6 @@ def _available_memory() -> int:
 def bench(s: dict, sections: set) -> dict:
     import random
 
-    import mlx.core as mx
 
     from grpo_mlx.config import DEMO_DATA, DEMO_MODEL
     from grpo_mlx.policy import load_model, on_cpu, prepare_for_cpu
@@ -686,15 +582,14 @@ def print_report(r: dict) -> None:
     if "train" in r:
         tr = r["train"]
         a, b = tr["beta_0"], tr["beta_pos"]
-        print(f"\ntrain step  B={tr['B']} G={tr['G']}, budget {tr['max_tokens']} (mean length {a['mean_length']:.1f}), "
-              f"sequences {a['rows']:.0f} x {a['seq_len']:.0f}, medians of {tr['repeats']} alternating steps")
+        print(f"\ntrain step (Trainer.train_step)  B={tr['B']} G={tr['G']}, budget {tr['max_tokens']} "
+              f"(mean length {a['mean_length']:.1f}), medians of {tr['repeats']} alternating steps")
         beta = f"beta={tr['beta']}"
         print(f"  {'':30}{'beta=0':>12}{beta:>16}")
-        for key in ("rollout", "rewards", "reference", "loss_and_gradients", "update", "step"):
-            print(f"  {key.replace('_', ' ') + ' (s)':30}{a[key]:>12.3f}{b[key]:>16.3f}")
+        labels = {"update": "loss + gradients + update (s)", "step": "whole step (s)"}
+        for key in ("rollout", "rewards", "reference", "update", "step"):
+            print(f"  {labels.get(key, key + ' (s)'):30}{a[key]:>12.3f}{b[key]:>16.3f}")
         print(f"  {'peak memory, step (GB)':30}{a['peak_gb']:>12.3f}{b['peak_gb']:>16.3f}{tr['peak_ratio']:>7.2f}x")
-        print(f"  {'peak memory, training (GB)':30}{a['train_peak_gb']:>12.3f}{b['train_peak_gb']:>16.3f}"
-              f"{tr['train_peak_ratio']:>7.2f}x")
         tm = tr["train_matmuls"]
         line = f"  training matmuls: {tm['gflops_6pt']:.1f} GFLOP/s counted as 6*params*tokens, {tm['gflops_lora']:.1f} as LoRA's 4*params*tokens"
         if "fraction_6pt" in tm:

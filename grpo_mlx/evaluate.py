@@ -104,24 +104,58 @@ def _mean(values) -> float:
 # ------------------------------------------------------------------ sampling (MLX)
 
 
+def rollouts(model, tokenizer, examples: list[dict], n: int, max_tokens: int, temperature: float,
+             top_p: float = 1.0, stop=(), batch_size: int = 16):
+    """(chunk of examples, Rollout of n completions each), batch_size prepared examples a call."""
+    from grpo_mlx.sampler import generate_groups
+
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        yield chunk, generate_groups(model, tokenizer, [ex["prompt_ids"] for ex in chunk], n, max_tokens,
+                                     temperature=temperature, top_p=top_p, stop=list(stop))
+
+
 def sample_completions(model, tokenizer, examples: list[dict], n: int, max_tokens: int,
                        temperature: float, top_p: float = 1.0, stop=(), batch_size: int = 16,
                        seed: int = 0) -> tuple[list[list[str]], list[list[int]]]:
     """n completions of each prepared example (with `prompt_ids`), batch_size prompts a call."""
     import mlx.core as mx
 
-    from grpo_mlx.sampler import generate_groups
-
     mx.random.seed(seed)
     texts, lengths = [], []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        roll = generate_groups(model, tokenizer, [ex["prompt_ids"] for ex in chunk], n, max_tokens,
-                               temperature=temperature, top_p=top_p, stop=list(stop))
+    for chunk, roll in rollouts(model, tokenizer, examples, n, max_tokens, temperature, top_p, stop, batch_size):
         for p in range(len(chunk)):
             texts.append(roll.texts[p * n : (p + 1) * n])
             lengths.append([int(x) for x in roll.lengths[p * n : (p + 1) * n]])
     return texts, lengths
+
+
+def held_out(model, tokenizer, examples: list[dict], max_tokens: int, stop=(), score=None,
+             batch_size: int = 64) -> dict:
+    """The held-out figures a training run reports, from one greedy completion per prompt:
+    `accuracy` (pass@1 over the prompts that have an answer), `format`, `mean_length` and, with
+    `score(chunk, rollout) -> RewardResult`, `mean_reward` (process rewards at their mean)."""
+    if not examples:
+        return {}
+    training = model.training
+    model.eval()
+    texts, lengths, references, totals = [], [], [], []
+    for chunk, roll in rollouts(model, tokenizer, examples, 1, max_tokens, 0.0, stop=stop, batch_size=batch_size):
+        for i, ex in enumerate(chunk):
+            if has_answer(ex.get("answer")):
+                texts.append([roll.texts[i]])
+                lengths.append([int(roll.lengths[i])])
+                references.append(ex["answer"])
+        if score is not None:
+            totals.extend(score(chunk, roll).shown.tolist())
+    model.train(training)
+    out: dict = {"n": len(examples)}
+    if score is not None:
+        out["mean_reward"] = _mean(totals)
+    if texts:
+        scored = score_samples(texts, lengths, references, [1])
+        out.update(accuracy=scored["pass@1"], format=scored["format"], mean_length=scored["mean_length"])
+    return out
 
 
 def evaluate(model, tokenizer, examples: list[dict], ks=DEFAULT_KS, temperature: float = 0.0,

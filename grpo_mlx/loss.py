@@ -1,11 +1,9 @@
-"""Advantages, token log-probabilities and the GRPO-family loss: pure functions over mx.array.
+"""The GRPO-family loss: pure functions over mx.array.
 
 Shapes: B prompts, G completions per prompt, N = B·G sequences, T completion tokens, V vocab.
 Everything here is lazy: no I/O, no printing, no `.item()`; the trainer evaluates once per step.
 
-Choices, stated once (see DESIGN.md §5):
-- Advantages use the group mean and a sample std (n−1 denominator, like torch.std). A group of
-  one completion has no spread: its std is taken as 0, so its advantage is 0 rather than NaN.
+Choices, stated once:
 - Arithmetic is float32 whatever the input dtype; masks may be bool or float.
 - Only `logp` carries gradient: `old_logp`, `ref_logp` and the advantages are stop_gradient'ed.
 - The KL term (k3 estimator) is computed only when beta > 0, and the `kl` metric is reported
@@ -17,10 +15,8 @@ Choices, stated once (see DESIGN.md §5):
 
 import mlx.core as mx
 
-SCALES = ("group", "batch", "none")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
-BASELINES = ("mean", "leave_one_out")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
@@ -30,97 +26,6 @@ def masked_mean(x, mask, axis=None):
     total = (x * mask).sum(axis=axis)  # x reduced over axis
     count = mx.maximum(mask.sum(axis=axis), 1.0)  # x reduced over axis
     return total / count
-
-
-def _sample_std(x, axis=None, keepdims=False):
-    """Standard deviation with the n−1 denominator (torch.std's default); n == 1 gives 0."""
-    n = x.size if axis is None else x.shape[axis]
-    mean = x.mean(axis=axis, keepdims=True)  # x reduced over axis, kept
-    var = ((x - mean) ** 2).sum(axis=axis, keepdims=keepdims) / max(n - 1, 1)  # reduced
-    return mx.sqrt(var)
-
-
-def group_advantages(rewards, scale="group", eps=1e-4, *, baseline="mean"):
-    """Advantage of each completion relative to its group: (r − group mean) / (std + eps).
-
-    `scale` picks the std: "group" (each group's own), "batch" (over all B·G rewards, which
-    damps the boost that near-constant groups get from a tiny std, as in Dr. GRPO/TRL), or
-    "none" (no division: the mean-centred reward).
-    `baseline` "leave_one_out" (RLOO) subtracts the mean of the *other* G−1 rewards instead,
-    which equals G/(G−1) · (r − group mean); the std scaling then applies as chosen.
-    """
-    if scale not in SCALES:
-        raise ValueError(f"unknown advantage scale {scale!r}; valid values: {', '.join(SCALES)}")
-    if baseline not in BASELINES:
-        raise ValueError(f"unknown baseline {baseline!r}; valid values: {', '.join(BASELINES)}")
-    if rewards.ndim != 2:
-        raise ValueError(f"rewards must have shape (B, G), got {tuple(rewards.shape)}")
-    rewards = rewards.astype(mx.float32)  # (B, G)
-    centred = rewards - rewards.mean(axis=1, keepdims=True)  # (B, G)
-    G = rewards.shape[1]
-    if baseline == "leave_one_out" and G > 1:
-        centred = centred * (G / (G - 1))  # (B, G) r_i − mean of the others
-    if scale == "none":
-        return centred  # (B, G)
-    if scale == "group":
-        std = _sample_std(rewards, axis=1, keepdims=True)  # (B, 1)
-    else:
-        std = _sample_std(rewards)  # ()
-    return centred / (std + eps)  # (B, G)
-
-
-def combined_advantages(rewards, weights, combine="sum", scale="group", eps=1e-4, *, baseline="mean"):
-    """Advantages from K reward functions, rewards (K, B, G), weights (K,).
-
-    combine "sum": weighted sum of the rewards, then one normalisation (GRPO as published).
-    combine "normalize_each": each function's rewards normalised in its group first, then the
-    weighted sum, so a reward with a large range cannot drown the others (as in GDPO).
-    """
-    weights = mx.array(weights, dtype=mx.float32)[:, None, None]  # (K, 1, 1)
-    rewards = rewards.astype(mx.float32)  # (K, B, G)
-    if combine == "sum":
-        return group_advantages((weights * rewards).sum(axis=0), scale, eps, baseline=baseline)  # (B, G)
-    if combine == "normalize_each":
-        per_fn = [group_advantages(r, scale, eps, baseline=baseline) for r in rewards]  # K x (B, G)
-        return (weights * mx.stack(per_fn)).sum(axis=0)  # (B, G)
-    raise ValueError(f"unknown reward combination {combine!r}; valid values: sum, normalize_each")
-
-
-def process_advantages(step_rewards, step_index, step_mask, group_size, num_tokens, eps=1e-4):
-    """Process supervision (DeepSeekMath §4.1.3): per-token advantages from step rewards.
-
-    step_rewards, step_mask (N, S): the rewards of each completion's steps (padded, mask 1 for
-    real steps); step_index (N, S) int: the token at which each step ends. Rewards are normalised
-    over all steps of all G completions of a group: r̃ = (r − mean) / (std + eps). The advantage
-    of token t is the sum of r̃ over the steps that end at or after t. Returns (N, T).
-    """
-    n, s = step_rewards.shape
-    rewards = step_rewards.astype(mx.float32).reshape(n // group_size, group_size * s)  # (B, G·S)
-    mask = step_mask.astype(mx.float32).reshape(rewards.shape)  # (B, G·S)
-    count = mx.maximum(mask.sum(axis=1, keepdims=True), 1.0)  # (B, 1)
-    mean = (rewards * mask).sum(axis=1, keepdims=True) / count  # (B, 1)
-    var = (((rewards - mean) ** 2) * mask).sum(axis=1, keepdims=True) / mx.maximum(count - 1, 1.0)  # (B, 1)
-    normed = ((rewards - mean) / (mx.sqrt(var) + eps) * mask).reshape(n, s)  # (N, S)
-    at_token = mx.arange(num_tokens)[None, None, :] == step_index[..., None]  # (N, S, T)
-    ends = (normed[..., None] * at_token).sum(axis=1)  # (N, T) r̃ placed at each step's last token
-    return mx.cumsum(ends[:, ::-1], axis=1)[:, ::-1]  # (N, T) sum over steps ending at or after t
-
-
-def token_logprobs_from_logits(logits, targets, temperature=1.0):
-    """log_softmax(logits / temperature) at `targets`, in float32, never building the
-    full (N, T, V) log-softmax.
-
-    logits (N, T, V), targets (N, T) int → (N, T). The sampler draws from logits / temperature,
-    so the training log-probabilities must use the same tempered distribution.
-    """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    scaled = logits.astype(mx.float32)  # (N, T, V)
-    if temperature != 1.0:
-        scaled = scaled / temperature  # (N, T, V)
-    log_norm = mx.logsumexp(scaled, axis=-1)  # (N, T)
-    picked = mx.take_along_axis(scaled, targets[..., None], axis=-1).squeeze(-1)  # (N, T)
-    return picked - log_norm  # (N, T)
 
 
 def kl_divergence(logp, ref_logp, estimator="k3"):

@@ -351,6 +351,23 @@ class RewardResult:
     steps: dict[str, list] = field(default_factory=dict)
     step_weights: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def shown(self) -> np.ndarray:
+        """(N,) the reward reported as `reward`: the outcome total plus each process reward at
+        its mean step reward (the advantages use the steps themselves)."""
+        return self.total + sum(w * np.nan_to_num(self.per_function[name]) for name, w in self.step_weights.items())
+
+    def select(self, rows: slice) -> RewardResult:
+        return RewardResult({k: v[rows] for k, v in self.per_function.items()}, self.total[rows],
+                            {k: v[rows] for k, v in self.steps.items()}, self.step_weights)
+
+    @staticmethod
+    def concat(parts: list[RewardResult]) -> RewardResult:
+        first = parts[0]
+        return RewardResult({k: np.concatenate([p.per_function[k] for p in parts]) for k in first.per_function},
+                            np.concatenate([p.total for p in parts]),
+                            {k: [s for p in parts for s in p.steps[k]] for k in first.steps}, first.step_weights)
+
 
 def _preview(completions: list, index: int) -> str:
     return completion_text(completions[index]) if completions else ""

@@ -41,7 +41,7 @@ PREFILL_STEP = 512  # prompt tokens per prefill forward (bounds the attention's 
 class Rollout:
     """B*G completions, row b*G + g is completion g of prompt b."""
 
-    tokens: np.ndarray  # (N, T) int32, completion tokens, padded with pad_id after the end
+    tokens: np.ndarray  # (N, T) int32, completion tokens, padded with pad_id() after the end
     logprobs: np.ndarray  # (N, T) float32, sampling log-probabilities (0 after the end)
     lengths: np.ndarray  # (N,) int, tokens in each completion, EOS included
     finish_reasons: list  # (N,) "stop" (EOS or stop string) or "length"
@@ -56,6 +56,41 @@ class Rollout:
     def mask(self) -> np.ndarray:
         return np.arange(self.tokens.shape[1])[None] < self.lengths[:, None]  # (N, T)
 
+    @property
+    def completion_ids(self) -> list[list[int]]:
+        """Each completion's sampled token ids, up to and including its EOS."""
+        return [self.tokens[i, : self.lengths[i]].tolist() for i in range(len(self.texts))]
+
+    def select(self, rows: slice, prompt_tokens: int) -> Rollout:
+        """The completions in `rows` (one group: `prompt_tokens` is its prompt's length)."""
+        return Rollout(self.tokens[rows], self.logprobs[rows], self.lengths[rows], self.finish_reasons[rows],
+                       self.texts[rows], prompt_tokens,
+                       entropy=None if self.entropy is None else self.entropy[rows])
+
+    @staticmethod
+    def concat(parts: list[Rollout]) -> Rollout:
+        """Rows of several rollouts in order, right-padded to the longest (tokens with 0)."""
+        t = max(p.tokens.shape[1] for p in parts)
+
+        def pad(a, value):
+            return np.pad(a, ((0, 0), (0, t - a.shape[1])), constant_values=value)
+
+        return Rollout(
+            np.concatenate([pad(p.tokens, 0) for p in parts]),
+            np.concatenate([pad(p.logprobs, 0.0) for p in parts]),
+            np.concatenate([p.lengths for p in parts]),
+            [r for p in parts for r in p.finish_reasons],
+            [s for p in parts for s in p.texts],
+            sum(p.prompt_tokens for p in parts),
+            entropy=None if any(p.entropy is None for p in parts) else np.concatenate([pad(p.entropy, 0.0) for p in parts]),
+        )
+
+
+def pad_id(tokenizer) -> int:
+    """The id that pads token rows: the smallest EOS id (never attended to, never trained on)."""
+    eos = sorted(tokenizer.eos_token_ids)
+    return int(eos[0]) if eos else 0
+
 
 # ------------------------------------------------------------------ prefill
 
@@ -65,7 +100,7 @@ def prefill_groups(model, prompts: list[list[int]], group_size: int) -> list:
     token) G times, rows ordered b*G + g."""
     from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
-    from grpo_mlx.policy import lm_head_split
+    from grpo_mlx.logprobs import lm_head_split
 
     split = lm_head_split(model)
     body = split[0] if split else model  # the body fills the cache; skip the lm-head
@@ -218,14 +253,14 @@ def generate_groups(
     if any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt: every prompt needs at least one token")
     eos = np.array(sorted(tokenizer.eos_token_ids), dtype=np.int64)
-    pad_id = int(eos[0]) if eos.size else 0
+    pad = pad_id(tokenizer)
     n = len(prompts) * group_size
 
     t_start = time.perf_counter()
     cache = prefill_groups(model, prompts, group_size)
     t_prefill = time.perf_counter()
 
-    tokens = np.full((n, max_tokens), pad_id, dtype=np.int32)  # (N, T)
+    tokens = np.full((n, max_tokens), pad, dtype=np.int32)  # (N, T)
     logprobs = np.zeros((n, max_tokens), dtype=np.float32)  # (N, T)
     entropy = np.zeros((n, max_tokens), dtype=np.float32)  # (N, T)
     uniforms = None  # (N, T) per-prompt keyed random numbers, when seeds are given
@@ -290,7 +325,7 @@ def generate_groups(
     t_decode = time.perf_counter()
 
     width = min(steps, max_tokens)
-    roll = _finish(tokenizer, tokens[:, :width], logprobs[:, :width], end, stop, pad_id, sum(map(len, prompts)))
+    roll = _finish(tokenizer, tokens[:, :width], logprobs[:, :width], end, stop, pad, sum(map(len, prompts)))
     roll.entropy = np.where(roll.mask, entropy[:, :width], 0.0).astype(np.float32)  # (N, T)
     roll.prefill_time, roll.decode_time, roll.decode_steps = t_prefill - t_start, t_decode - t_prefill, steps
     return roll
@@ -308,12 +343,12 @@ def _find_stop_strings(tokenizer, tokens, end, t, stop):
                     break
 
 
-def _finish(tokenizer, tokens, logprobs, end, stop, pad_id, prompt_tokens) -> Rollout:
+def _finish(tokenizer, tokens, logprobs, end, stop, pad, prompt_tokens) -> Rollout:
     n, t = tokens.shape
     lengths = np.minimum(end, t)  # (N,)
     reasons = ["stop" if e <= t else "length" for e in end]
     keep = np.arange(t)[None] < lengths[:, None]  # (N, T)
-    tokens = np.where(keep, tokens, pad_id).astype(np.int32)  # (N, T)
+    tokens = np.where(keep, tokens, pad).astype(np.int32)  # (N, T)
     logprobs = np.where(keep, logprobs, 0.0).astype(np.float32)  # (N, T)
     eos_ids = set(tokenizer.eos_token_ids)
     texts = []

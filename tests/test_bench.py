@@ -53,9 +53,10 @@ def test_quick_bench_on_a_random_model(tmp_path):
 
 
 def test_unknown_random_architecture_is_one_sentence():
-    from grpo_mlx.bench import build_random_model
+    from grpo_mlx.errors import UserError
+    from grpo_mlx.testing import build_random_model
 
-    with pytest.raises(SystemExit, match="no preset or mlx-lm architecture named 'nonsense'"):
+    with pytest.raises(UserError, match="no preset or mlx-lm architecture named 'nonsense'"):
         build_random_model("nonsense")
 
 

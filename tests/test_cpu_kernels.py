@@ -8,9 +8,10 @@ from mlx_lm.models.activations import swiglu as mlx_lm_swiglu
 
 from grpo_mlx import cpu_kernels
 from grpo_mlx.config import DEMO_MODEL
-from grpo_mlx.policy import completion_logprobs, load_model, prepare_for_cpu
+from grpo_mlx.logprobs import completion_logprobs
+from grpo_mlx.policy import load_model, prepare_for_cpu
 from grpo_mlx.sampler import generate_groups
-from grpo_mlx.trainer import training_arrays
+from grpo_mlx.batch import training_arrays
 
 
 def test_exp_is_as_accurate_as_float32_allows():

@@ -11,9 +11,11 @@ from mlx.utils import tree_flatten
 
 from grpo_mlx import cli
 from grpo_mlx.config import DEMO_DATA, DEMO_MODEL, build_config
-from grpo_mlx.policy import add_adapters, adapter_layers, completion_logprobs, load_model, save_adapters
+from grpo_mlx.logprobs import completion_logprobs
+from grpo_mlx.policy import add_adapters, adapter_layers, load_model, save_adapters
 from grpo_mlx.sampler import generate_groups
-from grpo_mlx.trainer import Trainer, training_arrays
+from grpo_mlx.batch import training_arrays
+from grpo_mlx.trainer import Trainer
 
 # (W + dW) x and W x + dW x round differently in float32. Measured against a float64 evaluation
 # of the same weights, the policy and the fused model are each off by up to 7e-5 in a log-prob

@@ -8,8 +8,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 from grpo_mlx.config import DEMO_DATA, build_config
-from grpo_mlx.loss import token_logprobs_from_logits
-from grpo_mlx.policy import add_adapters, chunked_token_logprobs, completion_logprobs, lm_head_split
+from grpo_mlx.logprobs import chunked_token_logprobs, completion_logprobs, lm_head_split, token_logprobs_from_logits
+from grpo_mlx.policy import add_adapters
 
 VOCAB = 5000
 

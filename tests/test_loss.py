@@ -6,7 +6,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from grpo_mlx.loss import group_advantages, masked_mean, policy_loss, token_logprobs_from_logits
+from grpo_mlx.advantages import group_advantages
+from grpo_mlx.logprobs import token_logprobs_from_logits
+from grpo_mlx.loss import masked_mean, policy_loss
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from grpo_mlx.config import DEMO_MODEL
-from grpo_mlx.policy import completion_logprobs, load_model
+from grpo_mlx.logprobs import completion_logprobs
+from grpo_mlx.policy import load_model
 from grpo_mlx.sampler import generate_groups
-from grpo_mlx.trainer import training_arrays
+from grpo_mlx.batch import training_arrays
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +156,7 @@ def test_other_cache_types_prefill_one_prompt_at_a_time():
     from mlx_lm.models import llama
     from mlx_lm.models.cache import KVCache
 
-    from grpo_mlx.bench import NoStopTokenizer
+    from grpo_mlx.testing import NoStopTokenizer
 
     args = llama.ModelArgs.from_dict(dict(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
                                           num_attention_heads=4, num_key_value_heads=2, vocab_size=300, rms_norm_eps=1e-5,

@@ -12,8 +12,10 @@ import pytest
 from grpo_mlx.config import DEMO_DATA, DEMO_MODEL, build_config
 from grpo_mlx.events import EventBus, read_jsonl
 from grpo_mlx import cpu_kernels
-from grpo_mlx.policy import adapters_disabled, completion_logprobs, load_model, prepare_for_cpu
-from grpo_mlx.trainer import Trainer, TrainingStopped, training_arrays
+from grpo_mlx.logprobs import completion_logprobs
+from grpo_mlx.policy import adapters_disabled, load_model, prepare_for_cpu
+from grpo_mlx.batch import training_arrays
+from grpo_mlx.trainer import Trainer, TrainingStopped
 
 
 def small_config(tmp_path, **overrides):

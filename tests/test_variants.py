@@ -7,10 +7,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from grpo_mlx.advantages import step_arrays, token_at_offset
+from grpo_mlx.advantages import combined_advantages, group_advantages, process_advantages, step_arrays, token_at_offset
 from grpo_mlx.config import build_config
 from grpo_mlx.events import read_jsonl
-from grpo_mlx.loss import combined_advantages, group_advantages, kl_divergence, policy_loss, process_advantages
+from grpo_mlx.loss import kl_divergence, policy_loss
 from grpo_mlx.rewards import compute_rewards, resolve_reward
 from grpo_mlx.trainer import Trainer
 

@@ -1,0 +1,302 @@
+"""The stages of one GRPO step, each a function of what it needs, over typed records.
+
+    collect_groups      sample G completions per prompt and score them (dynamic sampling refills)
+    make_batch          grpo_mlx.batch: the kept groups as one padded batch             -> Batch
+    reference_logprobs  the reference policy's log-probs (adapters off), for the KL       -> (N, T)
+    sequence_kl         classic RLHF shaping: each completion's KL, subtracted from reward -> (N,)
+    compute_advantages  grpo_mlx.advantages: group-relative advantages               -> (N,) | (N, T)
+    update_policy       μ passes x micro-batches of loss + gradients, clip, AdamW       -> Update
+    step_metrics        TRL-named figures of the global batch                          -> dict
+    sample_groups       what samples.jsonl and the TUI show of each group              -> list[dict]
+
+Determinism: the data order is a function of (seed, epoch) and each prompt's samples of (seed,
+its place in the data stream), so a resumed run, or several ranks, repeat what one
+uninterrupted process would have done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from grpo_mlx.batch import Batch, Group
+from grpo_mlx.logprobs import completion_logprobs
+from grpo_mlx.loss import kl_divergence, policy_loss
+from grpo_mlx.rewards import RewardResult
+from grpo_mlx.sampler import Rollout
+from grpo_mlx.world import World
+
+PHASES = ("rollout", "rewards", "reference", "update")  # reported as time/<phase>, in seconds
+
+
+# ------------------------------------------------------------------ data order and seeds
+
+
+def step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step * 7919) % (2**31)
+
+
+def prompt_seed(seed: int, position: int) -> int:
+    return (seed * 2_654_435_761 + position * 40_503 + 12_345) % (2**31)
+
+
+def batch_at(n_examples: int, seed: int, position: int, count: int) -> list[int]:
+    """Indices `position .. position+count-1` of an endless stream of per-epoch shuffles."""
+    out = []
+    while len(out) < count:
+        epoch, offset = divmod(position + len(out), n_examples)
+        order = np.random.default_rng([seed, epoch]).permutation(n_examples)
+        out.extend(order[offset : offset + count - len(out)].tolist())
+    return out
+
+
+class Timing(dict):
+    """Seconds per phase of one step; every phase is reported, 0 when it did not run."""
+
+    def __init__(self):
+        super().__init__(dict.fromkeys(PHASES, 0.0))
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] += time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------ 1. collect scored groups
+
+
+@dataclass
+class Collected:
+    groups: list[Group]  # the groups kept for training, in data order
+    position: int  # the data stream's position after this step's draws
+    resample_rounds: int  # extra rounds dynamic sampling drew
+    frac_reward_zero_std: float  # share of the sampled groups whose rewards were all equal
+
+
+def collect_groups(
+    examples: list[dict],
+    position: int,
+    *,
+    batch_size: int,
+    group_size: int,
+    seed: int,
+    world: World,
+    sample: Callable[[list[dict], list[int]], Rollout],
+    score: Callable[[list[dict], Rollout], RewardResult],
+    timing: Timing,
+    dynamic_sampling: bool = False,
+    max_resample_rounds: int = 0,
+) -> Collected:
+    """Draw `batch_size` prompts from `position` of the data stream (this rank samples its share),
+    sample and score G completions of each. With dynamic sampling (DAPO), groups whose rewards
+    are all equal (no learning signal) are replaced by fresh prompts, at most N extra rounds."""
+    G = group_size
+    kept: list[Group] = []
+    rounds = n_sampled = n_zero_std = 0
+    while True:
+        need = batch_size - len(kept)
+        chosen = [examples[i] for i in world.share(batch_at(len(examples), seed, position, need))]
+        places = world.share(list(range(position, position + need)))
+        position += need
+        with timing.phase("rollout"):  # a prompt's samples depend on its place, not on the rank
+            rollout = sample(chosen, [prompt_seed(seed, p) for p in places])
+        with timing.phase("rewards"):
+            scored = score(chosen, rollout)
+        zero_std = np.ptp(scored.total.reshape(len(chosen), G), axis=1) == 0  # (b,)
+        n_sampled += len(chosen)
+        n_zero_std += int(zero_std.sum())
+        drawn = [
+            Group(ex, rollout.select(slice(b * G, (b + 1) * G), len(ex["prompt_ids"])),
+                  scored.select(slice(b * G, (b + 1) * G)), bool(zero_std[b]))
+            for b, ex in enumerate(chosen)
+        ]
+        kept += [g for g in drawn if not (dynamic_sampling and g.zero_std)]
+        if not dynamic_sampling or len(kept) >= batch_size or rounds >= max_resample_rounds:
+            break
+        rounds += 1
+    if not kept:  # every group was flat even after resampling: train on the last round
+        kept = drawn
+    return Collected(kept, position, rounds, n_zero_std / max(n_sampled, 1))
+
+
+# ------------------------------------------------------------------ 3. the reference policy
+
+
+def reference_logprobs(model: nn.Module, reference: Callable, batch: Batch, temperature: float) -> mx.array:
+    """(N, T) log-probabilities under `reference()` (a context that switches the model to the
+    reference policy), evaluated, without gradient."""
+    model.eval()  # no adapter dropout in the reference pass
+    try:
+        with reference():  # the graph is built inside: adapter scales are read when it is built
+            ref_logp = mx.stop_gradient(
+                completion_logprobs(model, batch.tokens, batch.prompt_lens, batch.mask.shape[1], temperature))  # (N, T)
+        mx.eval(ref_logp)
+    finally:
+        model.train()
+    return ref_logp
+
+
+def sequence_kl(model: nn.Module, batch: Batch, ref_logp: mx.array, temperature: float, estimator: str):
+    """Each completion's summed KL to the reference, (N,) numpy, and the mean KL per token."""
+    model.eval()
+    try:
+        now = completion_logprobs(model, batch.tokens, batch.prompt_lens, batch.mask.shape[1], temperature)  # (N, T)
+        kl_tok = kl_divergence(now, ref_logp, estimator) * batch.mask  # (N, T)
+        kl_seq = np.array(kl_tok.sum(axis=1))  # (N,)
+        kl_mean = float(kl_tok.sum().item() / max(batch.mask.sum().item(), 1.0))
+    finally:
+        model.train()
+    return kl_seq, kl_mean
+
+
+# ------------------------------------------------------------------ 5. update the adapters
+
+
+def make_loss_and_grad(model: nn.Module, temperature: float, **loss_options):
+    """The compiled (loss, metrics, logp, gradients) of one micro-batch, with the model's state
+    and the random state as the compiled function's state. `loss_options` go to policy_loss."""
+
+    def loss_fn(tokens, prompt_lens, mask, advantages, old_logp, ref_logp, n_items):
+        logp = completion_logprobs(model, tokens, prompt_lens, mask.shape[1], temperature)  # (n, T)
+        old = mx.stop_gradient(logp) if old_logp is None else old_logp  # (n, T)
+        loss, metrics = policy_loss(logp, old, ref_logp, advantages, mask, num_items_in_batch=n_items, **loss_options)
+        return loss, metrics, logp
+
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+
+    def step(*args):
+        (loss, metrics, logp), grads = value_and_grad(*args)
+        return loss, metrics, logp, grads
+
+    state = [model.state, mx.random.state]
+    return mx.compile(step, inputs=state, outputs=state)
+
+
+@dataclass
+class Update:
+    losses: list  # () mx.array per micro-batch pass
+    grad_norms: list  # () mx.array per optimizer update
+    metrics: dict  # name -> list of () mx.array, one per micro-batch pass
+    skipped: bool = False  # a non-finite loss or gradient norm: nothing more was applied
+
+
+def update_policy(model, optimizer, loss_and_grad, batch: Batch, advantages, ref_logp, *,
+                  num_iterations: int, micro_batches: int, max_grad_norm: float, world: World) -> Update:
+    """μ = num_iterations optimizer updates on the batch; each accumulates the gradients of
+    `micro_batches` slices. The first pass's log-probabilities are the "old" policy of the later
+    ones. A non-finite update is never applied (every rank takes the same decision)."""
+    k = micro_batches
+    n = batch.tokens.shape[0]
+    micro = [slice(i * n // k, (i + 1) * n // k) for i in range(k)]
+    n_items = world.mean(batch.mask.sum()) / k  # dapo: normalised by the whole batch's tokens
+    old_logps = [None] * k
+    update = Update([], [], {})
+    model.train()
+    for it in range(num_iterations):
+        acc = None
+        for j, rows in enumerate(micro):
+            loss, metrics, logp, grads = loss_and_grad(
+                batch.tokens[rows], batch.prompt_lens[rows], batch.mask[rows], advantages[rows], old_logps[j],
+                None if ref_logp is None else ref_logp[rows], n_items,
+            )
+            if it == 0 and num_iterations > 1:
+                old_logps[j] = mx.stop_gradient(logp)  # "old" policy = the first pass
+            acc = grads if acc is None else tree_map(mx.add, acc, grads)
+            update.losses.append(loss)
+            for key, v in metrics.items():
+                update.metrics.setdefault(key, []).append(v)
+        if k > 1:
+            acc = tree_map(lambda g: g / k, acc)
+        acc = world.average_gradients(acc)  # data parallel: the global batch's gradient
+        if max_grad_norm > 0:
+            acc, norm = optim.clip_grad_norm(acc, max_grad_norm)
+        else:
+            norm = mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(acc)))
+        update.grad_norms.append(norm)
+        if not world.all(mx.isfinite(norm) & mx.all(mx.isfinite(mx.stack(update.losses)))).item():
+            update.skipped = True
+            return update
+        optimizer.update(model, acc)
+        mx.eval(model.trainable_parameters(), optimizer.state, update.metrics)
+    return update
+
+
+# ------------------------------------------------------------------ 6. report
+
+
+def step_metrics(batch: Batch, shown: np.ndarray, collected: Collected, update: Update, *, group_size: int,
+                 learning_rate: float, timing: Timing, step_time: float, kl: float | None, dynamic_sampling: bool,
+                 world: World) -> dict:
+    """The step's figures with TRL's names, over the global batch: per-completion values are
+    gathered from every rank, per-rank figures averaged. `shown` (N,) is the reward reported."""
+    G = group_size
+    shown, lengths = world.gather(shown), world.gather(batch.rollout.lengths)
+    clipped = world.gather(np.array([r == "length" for r in batch.rollout.finish_reasons], dtype=np.float32))
+    entropy = batch.rollout.entropy
+    entropy = None if entropy is None else world.gather(entropy.sum(axis=1))  # (N,) per completion
+    per_fn = {k: world.gather(v) for k, v in batch.rewards.per_function.items()}
+    B = len(shown) // G
+    n_gen = int(lengths.sum())
+    metrics = {
+        "reward": float(shown.mean()),
+        "reward_std": float(shown.reshape(B, G).std(axis=1, ddof=1).mean()),
+        "frac_reward_zero_std": float(world.mean(mx.array(collected.frac_reward_zero_std)).item()),
+        "loss": float(world.mean(mx.mean(mx.stack(update.losses))).item()),
+        "grad_norm": float(mx.mean(mx.stack(update.grad_norms)).item()),
+        "learning_rate": learning_rate,
+        "completions/mean_length": float(lengths.mean()),
+        "completions/min_length": int(lengths.min()),
+        "completions/max_length": int(lengths.max()),
+        "completions/clipped_ratio": float(clipped.mean()),
+        **({} if entropy is None else {"entropy": float(entropy.sum() / max(lengths.sum(), 1))}),
+        "num_tokens": n_gen,
+        "step_time": step_time,
+        "tokens_per_second": n_gen / max(timing["rollout"], 1e-9),
+        "peak_memory_gb": mx.get_peak_memory() / 1e9,
+        **{f"time/{k}": v for k, v in timing.items()},
+    }
+    if dynamic_sampling:
+        metrics["resample_rounds"] = collected.resample_rounds
+    if kl is not None:
+        metrics["kl"] = kl
+    for key, vals in update.metrics.items():
+        metrics[key] = float(world.mean(mx.mean(mx.stack(vals))).item())
+    for name, vals in per_fn.items():
+        finite = vals[~np.isnan(vals)]
+        metrics[f"rewards/{name}/mean"] = float(finite.mean()) if finite.size else float("nan")
+        metrics[f"rewards/{name}/std"] = float(finite.std(ddof=1)) if finite.size > 1 else 0.0
+    return metrics
+
+
+def sample_groups(batch: Batch, shown: np.ndarray, advantages: np.ndarray, group_size: int, limit: int) -> list[dict]:
+    """The first `limit` groups (all when negative) as samples.jsonl holds them; shown and
+    advantages (N,)."""
+    G = group_size
+    roll = batch.rollout
+    per_fn = batch.rewards.per_function
+    count = len(batch.examples) if limit < 0 else min(limit, len(batch.examples))
+    groups = []
+    for b, ex in enumerate(batch.examples[:count]):
+        completions = []
+        for i in range(b * G, (b + 1) * G):
+            completions.append(dict(
+                text=roll.texts[i],
+                rewards={name: (None if math.isnan(v[i]) else float(v[i])) for name, v in per_fn.items()},
+                reward=float(shown[i]), advantage=float(advantages[i]),
+                length=int(roll.lengths[i]), finish_reason=roll.finish_reasons[i],
+            ))
+        groups.append(dict(prompt=ex["prompt"], prompt_text=ex["prompt_text"], answer=ex.get("answer"),
+                           completions=completions))
+    return groups
