@@ -2,7 +2,7 @@
 
 The Linux `mlx[cpu]` wheel ships a reference BLAS (about 3-5 GFLOP/s for fp32 matmul on a laptop
 core). Loading an optimised BLAS into the global symbol scope *before* MLX is imported makes MLX
-resolve `cblas_sgemm` to it: 20-50x faster matmuls (shared/DESIGN.md §4). Nothing happens on
+resolve `cblas_sgemm` to it: 20-50x faster matmuls (measured by `grpo-mlx bench`). Nothing happens on
 macOS, where MLX runs on Metal and Accelerate.
 """
 

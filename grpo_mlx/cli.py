@@ -43,17 +43,14 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 # Other commands live in their own modules, each with `HELP`, `add_arguments(parser)` and
-# `run(args) -> int`. Those modules must import cheaply (MLX only inside `run`).
-COMMANDS: dict[str, str] = {
-    "tui": "tui.cli",
-    "eval": "grpo_mlx.evaluate",
-    "fuse": "grpo_mlx.fuse",
-    "bench": "grpo_mlx.bench",
-}
+# `run(args) -> int`, registered as entry points of this group (pyproject.toml). Those modules
+# must import cheaply (MLX only inside `run`).
+COMMAND_GROUP = "grpo_mlx.commands"
+COMMAND_ORDER = ("tui", "eval", "fuse", "bench")  # as `grpo-mlx --help` lists them; others after
 
 
 def make_parser() -> argparse.ArgumentParser:
-    import importlib
+    from importlib.metadata import entry_points
 
     parser = argparse.ArgumentParser(
         prog="grpo-mlx",
@@ -64,9 +61,11 @@ def make_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="Train adapters with GRPO (headless, with a progress bar).")
     add_config_flags(train)
     train.set_defaults(func=cmd_train)
-    for name, module_name in COMMANDS.items():
-        module = importlib.import_module(module_name)
-        command = sub.add_parser(name, help=module.HELP, description=module.HELP)
+    found = entry_points(group=COMMAND_GROUP)
+    rank = {name: i for i, name in enumerate(COMMAND_ORDER)}
+    for entry in sorted(found, key=lambda e: (rank.get(e.name, len(rank)), e.name)):
+        module = entry.load()
+        command = sub.add_parser(entry.name, help=module.HELP, description=module.HELP)
         module.add_arguments(command)
         command.set_defaults(func=module.run)
     return parser

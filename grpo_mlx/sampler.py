@@ -13,7 +13,7 @@ Choices, each measured with `grpo-mlx bench` (README, "Speed and memory"):
   the first whose cumulative probability reaches it, so the exponentials that normalise the
   distribution also sample it. With top-k / top-p / min-p, mlx-lm's sampler chain filters.
   The recorded log-probability of each token is that of the tempered, unfiltered distribution:
-  the quantity the training pass computes (shared/DESIGN.md §4).
+  the quantity the training pass computes (mlx-lm's batch_generate reports the untempered one).
 - On the CPU device with a large vocabulary, this sampling runs in numpy: MLX's CPU backend
   evaluates exp one element at a time (~15 ns), numpy's is vectorised (~2 ns), and for a 150k
   vocabulary the softmax of 64 rows would otherwise cost as much as a 0.5B model's forward.

@@ -17,7 +17,6 @@ import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass, field
 
 from textual import work
 from textual.app import App, ComposeResult
@@ -29,7 +28,7 @@ from textual.widgets import Button, Footer, Header, Label, TabbedContent, TabPan
 from textual.worker import get_current_worker
 
 from grpo_mlx.config import TrainConfig
-from grpo_mlx.events import Event, EventBus
+from grpo_mlx.events import Control, Event, EventBus
 from tui import health
 from tui.config_form import ConfigScreen
 from tui.state import RunState
@@ -37,16 +36,6 @@ from tui.tail import RunFollower
 from tui.widgets import AdvantagePanel, ChartGrid, HealthPanel, LogPanel, ProgressPanel, SamplesPanel
 
 POLL_SECONDS = 0.5  # how often an attached dashboard looks for new lines
-
-
-@dataclass
-class Controls:
-    """The trainer's between-step switches. grpo_mlx.trainer.Control holds the same three
-    Events, but importing it imports MLX, so the UI owns these and lends them to the trainer."""
-
-    stop: threading.Event = field(default_factory=threading.Event)
-    pause: threading.Event = field(default_factory=threading.Event)
-    save_now: threading.Event = field(default_factory=threading.Event)
 
 
 class EventsArrived(Message):
@@ -183,7 +172,7 @@ class GrpoApp(App):
         self.attach = attach
         self.source = source  # the -c file, shown on the form
         self.state = RunState()
-        self.controls = Controls()
+        self.controls = Control()
         self.live = attach is None
         self.inbox: deque[Event] = deque()
         self.last_event_at: float | None = None
@@ -241,24 +230,24 @@ class GrpoApp(App):
     def start_run(self, cfg: TrainConfig) -> None:
         self.config = cfg
         self.state = RunState(status="loading", total_steps=cfg.iters)
-        self.controls = Controls()
+        self.controls = Control()
         self.switch_screen(DashboardScreen(live=True))
         self.train(cfg, self.controls)
 
     @work(thread=True, exclusive=True, group="run", exit_on_error=False)
-    def train(self, cfg: TrainConfig, controls: Controls) -> None:
+    def train(self, cfg: TrainConfig, controls: Control) -> None:
         """Runs the whole training in this thread: MLX streams are thread-local, so the model,
-        optimizer and every step live here (DESIGN §4)."""
+        optimizer and every step live here (an array made in one thread cannot be used in another)."""
         self.training_thread = threading.current_thread()
         try:
             from grpo_mlx.blas import use_system_blas
 
             use_system_blas()  # before MLX is first imported
-            from grpo_mlx.trainer import Control, Trainer
+            from grpo_mlx.trainer import Trainer
 
             bus = EventBus()
             bus.subscribe(self.feed)
-            Trainer(cfg, bus, Control(stop=controls.stop, pause=controls.pause, save_now=controls.save_now)).run()
+            Trainer(cfg, bus, controls).run()
         except BaseException as e:  # report every failure on the dashboard, never in a traceback dump
             from grpo_mlx.cli import user_errors
 

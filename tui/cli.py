@@ -1,5 +1,5 @@
 """`grpo-mlx tui`: the dashboard's command. Imports cheaply (Textual and MLX only inside `run`),
-as every module in grpo_mlx.cli.COMMANDS must."""
+as every command module registered in pyproject.toml must."""
 
 from __future__ import annotations
 

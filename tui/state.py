@@ -13,10 +13,6 @@ from typing import Any
 
 from grpo_mlx.events import Event
 
-# Samples events carry the same (1-based) step number as the step event they belong to. Run
-# directories written before that change numbered them from 0; this offset is for those.
-SAMPLES_STEP_OFFSET = 0
-
 # Keep the samples of this many recent steps (each holds full completion texts).
 MAX_SAMPLE_STEPS = 2000
 
@@ -85,7 +81,7 @@ class RunState:
             if self.status == "pausing":
                 self.status = "paused"  # the trainer waits before its next step
         elif kind == "samples":
-            step = int(event["step"]) + SAMPLES_STEP_OFFSET
+            step = int(event["step"])  # the (1-based) number of the step event it belongs to
             self.samples[step] = event.get("groups") or []
             while len(self.samples) > MAX_SAMPLE_STEPS:
                 del self.samples[min(self.samples)]
