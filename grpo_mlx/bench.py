@@ -426,8 +426,7 @@ def logprob_pass(model, shape, rows: int, temperature: float, quick: bool) -> di
     chunked (what training uses) against whole (rows, V) logits."""
     import mlx.core as mx
 
-    from grpo_mlx.loss import token_logprobs_from_logits
-    from grpo_mlx.policy import chunked_token_logprobs, lm_head_split
+    from grpo_mlx.logprobs import chunked_token_logprobs, lm_head_split, token_logprobs_from_logits
 
     split = lm_head_split(model)
     if split is None:

@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 
+from grpo_mlx import metric_names as M
 from grpo_mlx.config import FIELDS, ConfigError, TrainConfig, build_config
 
 EXIT_USAGE = 2
@@ -139,22 +140,22 @@ class ProgressPrinter:
 
     def _step(self, event: dict) -> None:
         step, m = event["step"], event["metrics"]
-        if m.get("skipped"):
+        if m.get(M.SKIPPED):
             self.write(f"step {step}/{self.total} skipped")
             return
-        self.recent = (self.recent + [m["step_time"]])[-20:]
+        self.recent = (self.recent + [m[M.STEP_TIME]])[-20:]
         per_step = sum(self.recent) / len(self.recent)
         eta = per_step * (self.total - step)
         frac = step / max(self.total, 1)
         bar = "#" * int(frac * 20) + "-" * (20 - int(frac * 20))
-        acc = m.get("rewards/accuracy/mean")
+        acc = m.get(M.reward_mean("accuracy"))
         parts = [f"step {step:>{len(str(self.total))}}/{self.total} [{bar}]",
-                 f"reward {m['reward']:.3f}"]
+                 f"reward {m[M.REWARD]:.3f}"]
         if acc is not None:
             parts.append(f"acc {acc:.2f}")
-        if "kl" in m:
-            parts.append(f"kl {m['kl']:.4f}")
-        parts += [f"len {m['completions/mean_length']:.1f}", f"{per_step:.2f}s/step", f"ETA {_fmt_time(eta)}"]
+        if M.KL in m:
+            parts.append(f"kl {m[M.KL]:.4f}")
+        parts += [f"len {m[M.MEAN_LENGTH]:.1f}", f"{per_step:.2f}s/step", f"ETA {_fmt_time(eta)}"]
         line = "  ".join(parts)
         if self.tty:
             self.stream.write("\r\033[K" + line)

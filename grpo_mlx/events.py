@@ -1,30 +1,128 @@
-"""The trainer's one event channel, and the JSONL sink that writes a run directory.
+"""The trainer's one event channel: typed events, the bus that fans them out, and the JSONL sink
+that writes a run directory. No MLX import here.
 
-The trainer emits plain dicts with a `type` key; sinks subscribe. The same stream feeds the
-headless progress bar, metrics.jsonl / samples.jsonl and the TUI, so a TUI can follow a live run
-in-process or attach to the files a headless run writes. No MLX import here.
-
-Event types (all dicts are JSON-serialisable):
-  start    {run_dir, config, total_steps, start_step, blas, model}
-  eval     {step, name, metrics}                 before/after or periodic held-out evaluation
-  step     {step, metrics}                       one training step; TRL metric names
-  samples  {step, groups: [{prompt, answer, completions: [{text, rewards, reward, advantage,
-                                                            length, finish_reason}]}]}
-  message  {level, text}                         info / warning / error lines
-  checkpoint {step, path}
-  end      {step, summary, status}               status: finished | stopped | failed
+The trainer emits the dataclasses below; subscribers receive each event's JSON form
+(`event.to_json()`, a dict with a `type` key), exactly what metrics.jsonl / samples.jsonl hold, so
+the headless progress bar, the files and the TUI see one format whether a run is live in-process
+or read back from disk (`grpo-mlx tui --attach`). `from_json` turns a line read back into the
+event again and refuses one that is not what it claims to be.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
-Event = dict[str, Any]
+Event = dict[str, Any]  # an event's JSON form, as subscribers and the files see it
+
+
+class EventFormatError(ValueError):
+    """A JSON object that is not a well-formed event (wrong type, missing or mistyped field)."""
+
+
+_KINDS = {"int": (int,), "float": (int, float), "str": (str,), "dict": (dict,), "list": (list,)}
+
+
+class _Event:
+    type: ClassVar[str]
+
+    def to_json(self) -> Event:
+        return {"type": self.type, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+
+    @staticmethod
+    def from_json(obj: Any) -> _Event:
+        """The event that `obj` (a parsed JSON line) describes; EventFormatError if it is none."""
+        if not isinstance(obj, dict):
+            raise EventFormatError(f"an event is a JSON object, not {type(obj).__name__}")
+        cls = EVENT_TYPES.get(obj.get("type"))
+        if cls is None:
+            raise EventFormatError(f"unknown event type {obj.get('type')!r}")
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in obj:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise EventFormatError(f"{cls.type} event without '{f.name}'")
+                continue
+            value, kinds = obj[f.name], _KINDS.get(str(f.type).split(" |")[0])
+            optional = "None" in str(f.type)
+            if kinds and not (value is None and optional) and (
+                    not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds):
+                raise EventFormatError(f"{cls.type} event: '{f.name}' is {type(value).__name__}, expected {f.type}")
+            values[f.name] = value
+        return cls(**values)
+
+
+@dataclass
+class Start(_Event):
+    type: ClassVar[str] = "start"
+    run_dir: str
+    config: dict
+    total_steps: int
+    start_step: int
+    blas: str | None = None
+    model: str | None = None
+    train_examples: int = 0
+    eval_examples: int = 0
+
+
+@dataclass
+class Eval(_Event):
+    """A held-out evaluation: name "before", "after" or "periodic"."""
+
+    type: ClassVar[str] = "eval"
+    step: int
+    name: str
+    metrics: dict
+
+
+@dataclass
+class Step(_Event):
+    """One training step; metric names are grpo_mlx.metric_names."""
+
+    type: ClassVar[str] = "step"
+    step: int
+    metrics: dict
+
+
+@dataclass
+class Samples(_Event):
+    """Completions of a step, numbered like its step event: groups of
+    {prompt, prompt_text, answer, completions: [{text, rewards, reward, advantage, length, finish_reason}]}."""
+
+    type: ClassVar[str] = "samples"
+    step: int
+    groups: list
+
+
+@dataclass
+class Message(_Event):
+    type: ClassVar[str] = "message"
+    level: str  # info | warning | error
+    text: str
+
+
+@dataclass
+class Checkpoint(_Event):
+    type: ClassVar[str] = "checkpoint"
+    step: int
+    path: str
+
+
+@dataclass
+class End(_Event):
+    type: ClassVar[str] = "end"
+    step: int
+    summary: dict
+    status: str  # finished | stopped | failed
+
+
+EVENT_TYPES: dict[str, type[_Event]] = {cls.type: cls for cls in (Start, Eval, Step, Samples, Message, Checkpoint, End)}
+from_json = _Event.from_json
 
 
 @dataclass
@@ -49,8 +147,9 @@ class EventBus:
             self._subscribers.append(fn)
         return fn
 
-    def emit(self, type: str, **payload: Any) -> Event:
-        event = {"type": type, **payload}
+    def emit(self, event: _Event) -> Event:
+        """Send `event` to every subscriber, as its JSON form; return that form."""
+        event = event.to_json()
         with self._lock:
             subscribers = list(self._subscribers)
         for fn in subscribers:

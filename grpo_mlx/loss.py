@@ -15,6 +15,8 @@ Choices, stated once:
 
 import mlx.core as mx
 
+from grpo_mlx import metric_names as M
+
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -121,12 +123,12 @@ def policy_loss(
         per_token = -mx.minimum(unclipped * advantages, clipped_ratio * advantages)  # (N, T)
         if delta is not None:
             capped = (mx.stop_gradient(ratio) > delta) & (advantages < 0)  # (N, T)
-            metrics["clip_ratio/delta_mean"] = masked_mean(capped.astype(mx.float32), mask)  # ()
+            metrics[M.CLIP_DELTA] = masked_mean(capped.astype(mx.float32), mask)  # ()
 
     if beta > 0:
         kl = kl_divergence(logp, mx.stop_gradient(ref_logp.astype(mx.float32)), kl_estimator)  # (N, T)
         per_token = per_token + beta * kl  # (N, T)
-        metrics["kl"] = masked_mean(mx.stop_gradient(kl), mask)  # ()
+        metrics[M.KL] = masked_mean(mx.stop_gradient(kl), mask)  # ()
 
     masked_sum = (per_token * mask).sum()  # ()
     if loss_type == "grpo":
@@ -148,7 +150,7 @@ def policy_loss(
     else:
         low = (ratio < 1.0 - eps_low) & (advantages < 0)  # (N, T)
         high = (ratio > 1.0 + eps_high) & (advantages > 0)  # (N, T)
-    metrics["clip_ratio/low_mean"] = masked_mean(low.astype(mx.float32), mask)  # ()
-    metrics["clip_ratio/high_mean"] = masked_mean(high.astype(mx.float32), mask)  # ()
-    metrics["clip_ratio/region_mean"] = masked_mean((low | high).astype(mx.float32), mask)  # ()
+    metrics[M.CLIP_LOW] = masked_mean(low.astype(mx.float32), mask)  # ()
+    metrics[M.CLIP_HIGH] = masked_mean(high.astype(mx.float32), mask)  # ()
+    metrics[M.CLIP_REGION] = masked_mean((low | high).astype(mx.float32), mask)  # ()
     return loss, metrics

@@ -28,6 +28,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
+from grpo_mlx import metric_names as M
 from grpo_mlx.batch import Batch, Group
 from grpo_mlx.logprobs import completion_logprobs
 from grpo_mlx.loss import kl_divergence, policy_loss
@@ -250,33 +251,33 @@ def step_metrics(batch: Batch, shown: np.ndarray, collected: Collected, update: 
     B = len(shown) // G
     n_gen = int(lengths.sum())
     metrics = {
-        "reward": float(shown.mean()),
-        "reward_std": float(shown.reshape(B, G).std(axis=1, ddof=1).mean()),
-        "frac_reward_zero_std": float(world.mean(mx.array(collected.frac_reward_zero_std)).item()),
-        "loss": float(world.mean(mx.mean(mx.stack(update.losses))).item()),
-        "grad_norm": float(mx.mean(mx.stack(update.grad_norms)).item()),
-        "learning_rate": learning_rate,
-        "completions/mean_length": float(lengths.mean()),
-        "completions/min_length": int(lengths.min()),
-        "completions/max_length": int(lengths.max()),
-        "completions/clipped_ratio": float(clipped.mean()),
-        **({} if entropy is None else {"entropy": float(entropy.sum() / max(lengths.sum(), 1))}),
-        "num_tokens": n_gen,
-        "step_time": step_time,
-        "tokens_per_second": n_gen / max(timing["rollout"], 1e-9),
-        "peak_memory_gb": mx.get_peak_memory() / 1e9,
-        **{f"time/{k}": v for k, v in timing.items()},
+        M.REWARD: float(shown.mean()),
+        M.REWARD_STD: float(shown.reshape(B, G).std(axis=1, ddof=1).mean()),
+        M.FRAC_REWARD_ZERO_STD: float(world.mean(mx.array(collected.frac_reward_zero_std)).item()),
+        M.LOSS: float(world.mean(mx.mean(mx.stack(update.losses))).item()),
+        M.GRAD_NORM: float(mx.mean(mx.stack(update.grad_norms)).item()),
+        M.LEARNING_RATE: learning_rate,
+        M.MEAN_LENGTH: float(lengths.mean()),
+        M.MIN_LENGTH: int(lengths.min()),
+        M.MAX_LENGTH: int(lengths.max()),
+        M.CLIPPED_RATIO: float(clipped.mean()),
+        **({} if entropy is None else {M.ENTROPY: float(entropy.sum() / max(lengths.sum(), 1))}),
+        M.NUM_TOKENS: n_gen,
+        M.STEP_TIME: step_time,
+        M.TOKENS_PER_SECOND: n_gen / max(timing["rollout"], 1e-9),
+        M.PEAK_MEMORY_GB: mx.get_peak_memory() / 1e9,
+        **{M.time_of(k): v for k, v in timing.items()},
     }
     if dynamic_sampling:
-        metrics["resample_rounds"] = collected.resample_rounds
+        metrics[M.RESAMPLE_ROUNDS] = collected.resample_rounds
     if kl is not None:
-        metrics["kl"] = kl
+        metrics[M.KL] = kl
     for key, vals in update.metrics.items():
         metrics[key] = float(world.mean(mx.mean(mx.stack(vals))).item())
     for name, vals in per_fn.items():
         finite = vals[~np.isnan(vals)]
-        metrics[f"rewards/{name}/mean"] = float(finite.mean()) if finite.size else float("nan")
-        metrics[f"rewards/{name}/std"] = float(finite.std(ddof=1)) if finite.size > 1 else 0.0
+        metrics[M.reward_mean(name)] = float(finite.mean()) if finite.size else float("nan")
+        metrics[M.reward_std(name)] = float(finite.std(ddof=1)) if finite.size > 1 else 0.0
     return metrics
 
 

@@ -18,7 +18,8 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 
-from grpo_mlx import checkpoint, data, rewards
+from grpo_mlx import checkpoint, data, events, rewards
+from grpo_mlx import metric_names as M
 from grpo_mlx.advantages import compute_advantages, per_completion
 from grpo_mlx.batch import make_batch
 from grpo_mlx.blas import blas_name
@@ -91,7 +92,7 @@ class Trainer:
         self._assemble(model, tokenizer, train, held, adapter_config)
         self._check_context()
         if not data.has_chat_template(self.tokenizer):
-            self.bus.emit("message", level="warning", text=f"{cfg.model} has no chat template: prompts are used as plain text")
+            self.bus.emit(events.Message(level="warning", text=f"{cfg.model} has no chat template: prompts are used as plain text"))
         if cfg.resume:
             ckpt = checkpoint.latest_checkpoint(self.run_dir)
             if ckpt is None:
@@ -213,8 +214,8 @@ class Trainer:
             )
         if update.skipped:  # never apply a non-finite update: count it, go on
             self.state["skipped_steps"] += 1
-            self.bus.emit("message", level="warning", text=f"step {step + 1}: non-finite loss or gradient norm; update skipped")
-            return {"skipped": 1, "loss": float("nan"), "grad_norm": float(update.grad_norms[-1].item())}
+            self.bus.emit(events.Message(level="warning", text=f"step {step + 1}: non-finite loss or gradient norm; update skipped"))
+            return {M.SKIPPED: 1, M.LOSS: float("nan"), M.GRAD_NORM: float(update.grad_norms[-1].item())}
 
         # 6. report: TRL-named metrics of the global batch, samples of rank 0's groups        (step)
         metrics = step_metrics(
@@ -224,7 +225,7 @@ class Trainer:
         )
         if world.is_main:
             groups = sample_groups(batch, shown, np.array(per_completion(adv, batch.mask)), G, cfg.samples_per_step)
-            self.bus.emit("samples", step=step + 1, groups=groups)  # numbered like the step event
+            self.bus.emit(events.Samples(step=step + 1, groups=groups))  # numbered like the step event
         return metrics
 
     def sample(self, examples: list[dict], seeds: list[int]) -> Rollout:
@@ -268,7 +269,7 @@ class Trainer:
             kept = f"the previous checkpoint {last} is intact" if last else "no earlier checkpoint exists"
             raise checkpoint.CheckpointError(f"cannot save the checkpoint of step {step} in {self.run_dir}: "
                                              f"{e.strerror or e}; {kept}") from e
-        self.bus.emit("checkpoint", step=step, path=str(path))
+        self.bus.emit(events.Checkpoint(step=step, path=str(path)))
 
     def run(self) -> dict:
         self.setup()
@@ -279,8 +280,8 @@ class Trainer:
         try:
             return self._loop(start)
         except Exception as e:
-            self.bus.emit("end", step=int(self.state["step"]), summary={"run_dir": str(self.run_dir), "error": str(e)},
-                          status="failed")
+            self.bus.emit(events.End(step=int(self.state["step"]), summary={"run_dir": str(self.run_dir), "error": str(e)},
+                          status="failed"))
             raise
         finally:
             if sink:
@@ -288,17 +289,17 @@ class Trainer:
 
     def _loop(self, start: int) -> dict:
         cfg = self.cfg
-        self.bus.emit("start", run_dir=str(self.run_dir), config=to_dict(cfg), total_steps=cfg.iters,
+        self.bus.emit(events.Start(run_dir=str(self.run_dir), config=to_dict(cfg), total_steps=cfg.iters,
                       start_step=start, blas=blas_name(), model=cfg.model,
-                      train_examples=len(self.train_examples), eval_examples=len(self.eval_examples))
+                      train_examples=len(self.train_examples), eval_examples=len(self.eval_examples)))
         if cfg.ref_update_every and cfg.beta == 0:
-            self.bus.emit("message", level="warning", text="--ref-update-every has no effect with beta = 0 (there is no KL term)")
+            self.bus.emit(events.Message(level="warning", text="--ref-update-every has no effect with beta = 0 (there is no KL term)"))
         if cfg.num_iterations == 1:
-            self.bus.emit("message", level="info", text="num_iterations = 1: the importance ratio is exactly 1, so clipping never acts (clip_ratio reads 0).")
+            self.bus.emit(events.Message(level="info", text="num_iterations = 1: the importance ratio is exactly 1, so clipping never acts (clip_ratio reads 0)."))
         evaluating = self.world.is_main and bool(self.eval_examples)
         before = self.evaluate(self.eval_examples) if evaluating and (start == 0 or cfg.resume is None) else {}
         if before:
-            self.bus.emit("eval", step=start, name="before", metrics=before)
+            self.bus.emit(events.Eval(step=start, name="before", metrics=before))
         status, bad_in_a_row = "finished", 0
         for step in range(start, cfg.iters):
             self._wait_while_paused(step)
@@ -306,9 +307,9 @@ class Trainer:
                 status = "stopped"
                 break
             metrics = self._guarded_step(step)
-            bad_in_a_row = bad_in_a_row + 1 if metrics.get("skipped") else 0
+            bad_in_a_row = bad_in_a_row + 1 if metrics.get(M.SKIPPED) else 0
             self.state["step"] = step + 1
-            self.bus.emit("step", step=step + 1, metrics=metrics)
+            self.bus.emit(events.Step(step=step + 1, metrics=metrics))
             if bad_in_a_row >= cfg.max_bad_steps:
                 self.save(step + 1)
                 raise TrainingStopped(
@@ -319,7 +320,7 @@ class Trainer:
                 self.control.save_now.clear()
                 self.save(step + 1)
             if cfg.eval_every and evaluating and (step + 1) % cfg.eval_every == 0:
-                self.bus.emit("eval", step=step + 1, name="periodic", metrics=self.evaluate(self.eval_examples))
+                self.bus.emit(events.Eval(step=step + 1, name="periodic", metrics=self.evaluate(self.eval_examples)))
         if self.state["step"] > start or cfg.iters == start:
             self.save(int(self.state["step"]))
         return self._finish(status, before, evaluating)
@@ -341,8 +342,8 @@ class Trainer:
             if self.cfg.reward_error_policy == "skip":
                 self.state["data_position"] = position + self.cfg.batch_size  # the failed prompts are not retried
                 self.state["skipped_steps"] += 1
-                self.bus.emit("message", level="warning", text=f"step {step + 1} skipped: {e}")
-                return {"skipped": 1}
+                self.bus.emit(events.Message(level="warning", text=f"step {step + 1} skipped: {e}"))
+                return {M.SKIPPED: 1}
             self.state["data_position"] = position  # nothing of this step was applied
             self.save(step)
             raise TrainingStopped(f"{e}. Checkpoint saved at step {step}; resume with --resume {self.run_dir}") from e
@@ -354,12 +355,12 @@ class Trainer:
         steps = int(self.state["step"])
         summary: dict = {"run_dir": str(self.run_dir), "steps": steps, "status": status}
         if status == "stopped":
-            self.bus.emit("message", level="info", text=f"stopped at step {steps}; continue with: grpo-mlx train --resume {self.run_dir}")
-            self.bus.emit("end", step=steps, summary=summary, status=status)
+            self.bus.emit(events.Message(level="info", text=f"stopped at step {steps}; continue with: grpo-mlx train --resume {self.run_dir}"))
+            self.bus.emit(events.End(step=steps, summary=summary, status=status))
             return summary
         after = self.evaluate(self.eval_examples) if evaluating else {}
         if after:
-            self.bus.emit("eval", step=steps, name="after", metrics=after)
+            self.bus.emit(events.Eval(step=steps, name="after", metrics=after))
         summary.update({f"{k}_before": v for k, v in before.items() if k != "n"})
         if after:
             summary.update({f"{k}_after": v for k, v in after.items() if k != "n"})
@@ -367,5 +368,5 @@ class Trainer:
         if self.world.is_main:
             with open(self.run_dir / "summary.json", "w", encoding="utf-8") as f:
                 json.dump(summary, f, indent=2)
-        self.bus.emit("end", step=steps, summary=summary, status=status)
+        self.bus.emit(events.End(step=steps, summary=summary, status=status))
         return summary

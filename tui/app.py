@@ -28,6 +28,7 @@ from textual.widgets import Button, Footer, Header, Label, TabbedContent, TabPan
 from textual.worker import get_current_worker
 
 from grpo_mlx.config import TrainConfig
+from grpo_mlx import events
 from grpo_mlx.events import Control, Event, EventBus
 from tui import health
 from tui.config_form import ConfigScreen
@@ -252,8 +253,8 @@ class GrpoApp(App):
             from grpo_mlx.cli import user_errors
 
             text = str(e) if isinstance(e, user_errors()) else "".join(traceback.format_exception(e)).rstrip()
-            self.feed({"type": "message", "level": "error", "text": text or type(e).__name__})
-            self.feed({"type": "end", "step": self.state.step, "summary": {}, "status": "failed"})
+            self.feed(events.Message(level="error", text=text or type(e).__name__).to_json())
+            self.feed(events.End(step=self.state.step, summary={}, status="failed").to_json())
         finally:
             mx = sys.modules.get("mlx.core")
             if mx is not None and hasattr(mx, "clear_streams"):

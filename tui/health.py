@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import math
 from statistics import mean, median
 
+from grpo_mlx import metric_names as M
+
 ZERO_STD_LIMIT = 0.5  # frac_reward_zero_std above this ...
 ZERO_STD_STEPS = 3  # ... for this many steps in a row: most groups teach nothing
 KL_JUMP_FACTOR = 4.0  # kl above this many times its recent median ...
@@ -51,11 +53,11 @@ def check(steps: list[int], series: dict[str, list]) -> list[Alert]:
 
 def non_finite(steps, series):
     bad = {name: {s for s, v in zip(steps, series.get(name, [])) if v is not None and not math.isfinite(v)}
-           for name in ("loss", "grad_norm")}
-    hit = sorted(bad["loss"] | bad["grad_norm"])
+           for name in (M.LOSS, M.GRAD_NORM)}
+    hit = sorted(bad[M.LOSS] | bad[M.GRAD_NORM])
     if not hit:
         return None
-    names = " and ".join(n for n in ("loss", "grad_norm") if bad[n])
+    names = " and ".join(n for n in (M.LOSS, M.GRAD_NORM) if bad[n])
     shown = ", ".join(map(str, hit[-5:])) + (" ..." if len(hit) > 5 else "")
     latest = hit[-1] == steps[-1]  # still happening now: an error, else a reminder
     return Alert("non_finite", "error" if latest else "warning",
@@ -63,7 +65,7 @@ def non_finite(steps, series):
 
 
 def zero_std(steps, series):
-    recent = series.get("frac_reward_zero_std", [])[-ZERO_STD_STEPS:]
+    recent = series.get(M.FRAC_REWARD_ZERO_STD, [])[-ZERO_STD_STEPS:]
     if len(recent) < ZERO_STD_STEPS or any(not _ok(v) or v <= ZERO_STD_LIMIT for v in recent):
         return None
     return Alert("zero_std", "warning",
@@ -72,7 +74,7 @@ def zero_std(steps, series):
 
 
 def kl_jump(steps, series):
-    values = series.get("kl", [])
+    values = series.get(M.KL, [])
     if not values or not _ok(values[-1]):
         return None
     baseline = _finite(values[-KL_BASELINE - 1 : -1])
@@ -88,7 +90,7 @@ def kl_jump(steps, series):
 
 
 def all_clipped(steps, series):
-    values = series.get("completions/clipped_ratio", [])
+    values = series.get(M.CLIPPED_RATIO, [])
     if not values or not _ok(values[-1]) or values[-1] < CLIPPED_LIMIT:
         return None
     return Alert("all_clipped", "warning",
@@ -97,11 +99,11 @@ def all_clipped(steps, series):
 
 
 def reward_without_correctness(steps, series):
-    names = [k for k in series if k.startswith("rewards/") and k.endswith("/mean")]
+    names = [k for k in series if M.reward_function_of(k)]
     correctness = [k for k in names if any(c in k.lower() for c in CORRECTNESS_NAMES)]
     if len(names) < 2 or not correctness:
         return None  # with correctness as the only reward, reward *is* correctness
-    reward = series.get("reward", [])
+    reward = series.get(M.REWARD, [])
     if len(reward) < 2 * TREND_WINDOW:
         return None
 
@@ -116,7 +118,7 @@ def reward_without_correctness(steps, series):
     for name in correctness:
         moved = rise(series[name])
         if moved is not None and moved <= ACCURACY_FLAT:
-            fn = name[len("rewards/") : -len("/mean")]
+            fn = M.reward_function_of(name)
             return Alert("reward_without_correctness", "warning",
                          f"reward rose {reward_rise:+.3f} over the last {TREND_WINDOW} steps while {fn} moved "
                          f"{moved:+.3f}: another reward may be gamed")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from grpo_mlx.events import Event
+from grpo_mlx import metric_names as M
 
 # Keep the samples of this many recent steps (each holds full completion texts).
 MAX_SAMPLE_STEPS = 2000
@@ -130,10 +131,10 @@ class RunState:
 
     def reward_functions(self) -> list[str]:
         """Names of the reward functions, from the `rewards/<fn>/mean` metrics."""
-        return [k[len("rewards/") : -len("/mean")] for k in self.series if k.startswith("rewards/") and k.endswith("/mean")]
+        return [fn for fn in map(M.reward_function_of, self.series) if fn]
 
     def seconds_per_step(self) -> float | None:
-        recent = [t for t in self.values("step_time")[-ETA_WINDOW:] if finite(t)]
+        recent = [t for t in self.values(M.STEP_TIME)[-ETA_WINDOW:] if finite(t)]
         return sum(recent) / len(recent) if recent else None
 
     def eta_seconds(self) -> float | None:

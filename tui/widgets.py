@@ -8,6 +8,7 @@ from textual.containers import Grid
 from textual.widget import Widget
 from textual.widgets import Static
 
+from grpo_mlx import metric_names as M
 from tui.health import Alert
 from tui.plot import bar, braille_chart, compact, histogram, value_range
 from tui.state import RunState, finite
@@ -15,18 +16,18 @@ from tui.state import RunState, finite
 # (metric, title, note shown when the metric is not logged); reward functions' charts are
 # inserted after the total reward as soon as their `rewards/<fn>/mean` metric appears.
 CHARTS = [
-    ("reward", "reward (total)", ""),
-    ("reward_std", "reward std (in group)", ""),
-    ("frac_reward_zero_std", "groups with zero reward std", ""),
-    ("kl", "KL to the reference", "not logged: beta = 0"),
-    ("loss", "loss", ""),
-    ("grad_norm", "grad norm", ""),
-    ("clip_ratio/region_mean", "clip ratio", ""),
-    ("entropy", "token entropy (sampling)", "not logged"),
-    ("completions/mean_length", "mean completion length", ""),
-    ("completions/clipped_ratio", "cut at the length limit", ""),
-    ("learning_rate", "learning rate", ""),
-    ("peak_memory_gb", "peak memory (GB)", ""),
+    (M.REWARD, "reward (total)", ""),
+    (M.REWARD_STD, "reward std (in group)", ""),
+    (M.FRAC_REWARD_ZERO_STD, "groups with zero reward std", ""),
+    (M.KL, "KL to the reference", "not logged: beta = 0"),
+    (M.LOSS, "loss", ""),
+    (M.GRAD_NORM, "grad norm", ""),
+    (M.CLIP_REGION, "clip ratio", ""),
+    (M.ENTROPY, "token entropy (sampling)", "not logged"),
+    (M.MEAN_LENGTH, "mean completion length", ""),
+    (M.CLIPPED_RATIO, "cut at the length limit", ""),
+    (M.LEARNING_RATE, "learning rate", ""),
+    (M.PEAK_MEMORY_GB, "peak memory (GB)", ""),
 ]
 CHART_MIN_WIDTH = 36  # cells; the grid shows as many columns as fit
 LABEL_WIDTH = 10  # y-axis labels: compact() numbers are at most 9 characters
@@ -107,7 +108,7 @@ class ChartGrid(Grid):
     def show(self, state: RunState) -> None:
         after = self.query_one(f"#{chart_id('reward')}", Chart)
         for fn in state.reward_functions():
-            metric = f"rewards/{fn}/mean"
+            metric = M.reward_mean(fn)
             if not self.query(f"#{chart_id(metric)}"):
                 chart = Chart(metric, f"reward: {fn}", id=chart_id(metric))
                 self.mount(chart, after=after)
@@ -142,7 +143,7 @@ class ProgressPanel(Static):
         per_step = state.seconds_per_step()
         line.append(f"   {per_step:.2f} s/step" if per_step else "   - s/step")
         line.append(f"   ETA {duration(state.eta_seconds()) if status == 'running' else '-'}")
-        tps = state.latest("tokens_per_second")
+        tps = state.latest(M.TOKENS_PER_SECOND)
         line.append(f"   {tps:,.0f} tok/s" if tps is not None else "   - tok/s")
         hint = ""
         if status == "loading":

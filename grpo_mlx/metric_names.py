@@ -1,0 +1,49 @@
+"""The names of the step metrics: one constant each, shared by the trainer that writes them and
+the progress bar, TUI charts and health rules that read them, so that a renamed metric fails
+loudly (an import error, a test) instead of leaving an empty chart. TRL's names where TRL has
+the metric. No MLX import here.
+"""
+
+REWARD = "reward"  # mean total reward of the step's completions (process rewards at their mean)
+REWARD_STD = "reward_std"  # mean over groups of the in-group standard deviation
+FRAC_REWARD_ZERO_STD = "frac_reward_zero_std"  # groups whose rewards are all equal: no signal
+LOSS = "loss"
+GRAD_NORM = "grad_norm"
+LEARNING_RATE = "learning_rate"
+KL = "kl"  # mean per-token KL to the reference; only with beta > 0
+ENTROPY = "entropy"  # mean per-token entropy of the sampling distribution
+MEAN_LENGTH = "completions/mean_length"
+MIN_LENGTH = "completions/min_length"
+MAX_LENGTH = "completions/max_length"
+CLIPPED_RATIO = "completions/clipped_ratio"  # completions cut at the length limit
+CLIP_LOW = "clip_ratio/low_mean"
+CLIP_HIGH = "clip_ratio/high_mean"
+CLIP_REGION = "clip_ratio/region_mean"
+CLIP_DELTA = "clip_ratio/delta_mean"
+NUM_TOKENS = "num_tokens"  # completion tokens generated in the step
+STEP_TIME = "step_time"  # seconds
+TOKENS_PER_SECOND = "tokens_per_second"  # rollout throughput
+PEAK_MEMORY_GB = "peak_memory_gb"  # mx.get_peak_memory() over the step
+RESAMPLE_ROUNDS = "resample_rounds"  # dynamic sampling's extra rounds
+SKIPPED = "skipped"  # 1 on a step whose update was not applied
+
+REWARD_PREFIX = "rewards/"  # per reward function: rewards/<name>/mean and rewards/<name>/std
+
+
+def reward_mean(function: str) -> str:
+    return f"{REWARD_PREFIX}{function}/mean"
+
+
+def reward_std(function: str) -> str:
+    return f"{REWARD_PREFIX}{function}/std"
+
+
+def reward_function_of(metric: str) -> str | None:
+    """'accuracy' for 'rewards/accuracy/mean'; None for any other metric."""
+    if metric.startswith(REWARD_PREFIX) and metric.endswith("/mean"):
+        return metric[len(REWARD_PREFIX) : -len("/mean")]
+    return None
+
+
+def time_of(phase: str) -> str:
+    return f"time/{phase}"
