@@ -15,8 +15,8 @@ import numpy as np
 
 import mlx.core as mx
 
-SCALES = ("group", "batch", "none")
-BASELINES = ("mean", "leave_one_out")
+from grpo_mlx.config import BASELINES, REWARD_COMBINATIONS, SCALE_REWARDS
+
 
 
 def _sample_std(x, axis=None, keepdims=False):
@@ -36,8 +36,8 @@ def group_advantages(rewards, scale="group", eps=1e-4, *, baseline="mean"):
     `baseline` "leave_one_out" (RLOO) subtracts the mean of the *other* G−1 rewards instead,
     which equals G/(G−1) · (r − group mean); the std scaling then applies as chosen.
     """
-    if scale not in SCALES:
-        raise ValueError(f"unknown advantage scale {scale!r}; valid values: {', '.join(SCALES)}")
+    if scale not in SCALE_REWARDS:
+        raise ValueError(f"unknown advantage scale {scale!r}; valid values: {', '.join(SCALE_REWARDS)}")
     if baseline not in BASELINES:
         raise ValueError(f"unknown baseline {baseline!r}; valid values: {', '.join(BASELINES)}")
     if rewards.ndim != 2:
@@ -70,7 +70,7 @@ def combined_advantages(rewards, weights, combine="sum", scale="group", eps=1e-4
     if combine == "normalize_each":
         per_fn = [group_advantages(r, scale, eps, baseline=baseline) for r in rewards]  # K x (B, G)
         return (weights * mx.stack(per_fn)).sum(axis=0)  # (B, G)
-    raise ValueError(f"unknown reward combination {combine!r}; valid values: sum, normalize_each")
+    raise ValueError(f"unknown reward combination {combine!r}; valid values: {', '.join(REWARD_COMBINATIONS)}")
 
 
 def process_advantages(step_rewards, step_index, step_mask, group_size, num_tokens, eps=1e-4):

@@ -23,9 +23,13 @@ DEMO_DIR = Path(__file__).parent / "demo"
 DEMO_MODEL = str(DEMO_DIR / "model")
 DEMO_DATA = str(DEMO_DIR / "data")
 
+# The choices of each option, once: the loss and advantage functions check against these too.
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 SCALE_REWARDS = ("group", "batch", "none")
 IMPORTANCE_LEVELS = ("token", "sequence")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+BASELINES = ("mean", "leave_one_out")
+REWARD_COMBINATIONS = ("sum", "normalize_each")
 FINE_TUNE_TYPES = ("lora", "dora")
 
 
@@ -264,12 +268,12 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.save_every >= 1, "save_every", "must be at least 1")
     need(cfg.eval_limit >= 0, "eval_limit", "must be >= 0")
     need(cfg.eval_every >= 0, "eval_every", "must be >= 0 (0 = no periodic evaluation)")
-    need(cfg.kl_estimator in ("k1", "k2", "k3"), "kl_estimator", "must be one of k1, k2, k3")
+    need(cfg.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"must be one of {', '.join(KL_ESTIMATORS)}")
     need(cfg.ref_update_every >= 0, "ref_update_every", "must be >= 0")
     eps_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
     need(cfg.delta is None or cfg.delta > 1 + eps_high, "delta", f"must be greater than 1 + epsilon_high = {1 + eps_high:g}")
-    need(cfg.advantage_baseline in ("mean", "leave_one_out"), "advantage_baseline", "must be mean or leave_one_out")
-    need(cfg.reward_combination in ("sum", "normalize_each"), "reward_combination", "must be sum or normalize_each")
+    need(cfg.advantage_baseline in BASELINES, "advantage_baseline", f"must be one of {', '.join(BASELINES)}")
+    need(cfg.reward_combination in REWARD_COMBINATIONS, "reward_combination", f"must be one of {', '.join(REWARD_COMBINATIONS)}")
     need(cfg.reward_error_policy in ("stop", "skip"), "reward_error_policy", "must be stop or skip")
     need(cfg.reward_timeout >= 0, "reward_timeout", "must be >= 0")
     need(cfg.max_bad_steps >= 1, "max_bad_steps", "must be at least 1")

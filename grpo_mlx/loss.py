@@ -16,10 +16,8 @@ Choices, stated once:
 import mlx.core as mx
 
 from grpo_mlx import metric_names as M
+from grpo_mlx.config import IMPORTANCE_LEVELS, KL_ESTIMATORS, LOSS_TYPES
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
-KL_ESTIMATORS = ("k1", "k2", "k3")
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
 def masked_mean(x, mask, axis=None):
@@ -90,10 +88,10 @@ def policy_loss(
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; valid values: {', '.join(LOSS_TYPES)}")
-    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+    if importance_sampling_level not in IMPORTANCE_LEVELS:
         raise ValueError(
             f"unknown importance_sampling_level {importance_sampling_level!r}; "
-            f"valid values: {', '.join(IMPORTANCE_SAMPLING_LEVELS)}"
+            f"valid values: {', '.join(IMPORTANCE_LEVELS)}"
         )
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"unknown kl_estimator {kl_estimator!r}; valid values: {', '.join(KL_ESTIMATORS)}")

@@ -1,0 +1,171 @@
+"""Scoring a batch: each reward function called once on all completions (with a time limit),
+its result validated, outcome rewards summed with their weights, process rewards kept as steps.
+
+Functions are called with keywords only (`prompts=..., completions=..., **columns`), as TRL
+does, so a TRL function that names only `completions` and `**kwargs` works too. `None` means
+"not applicable to this completion"; it adds 0 to the weighted total (TRL's nansum).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from grpo_mlx.rewards.answers import completion_text
+from grpo_mlx.rewards.builtin import RewardFn
+from grpo_mlx.rewards.errors import RewardFunctionError
+
+
+# Scoring a batch
+
+
+@dataclass
+class RewardResult:
+    per_function: dict[str, np.ndarray]  # name -> (N,) float64, NaN where the function said None
+    total: np.ndarray  # (N,) weighted sum over outcome functions; a None contributes 0 (TRL's nansum)
+    # process rewards: name -> per completion a list of (end offset in the text, reward) or None
+    steps: dict[str, list] = field(default_factory=dict)
+    step_weights: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def shown(self) -> np.ndarray:
+        """(N,) the reward reported as `reward`: the outcome total plus each process reward at
+        its mean step reward (the advantages use the steps themselves)."""
+        return self.total + sum(w * np.nan_to_num(self.per_function[name]) for name, w in self.step_weights.items())
+
+    def select(self, rows: slice) -> RewardResult:
+        return RewardResult({k: v[rows] for k, v in self.per_function.items()}, self.total[rows],
+                            {k: v[rows] for k, v in self.steps.items()}, self.step_weights)
+
+    @staticmethod
+    def concat(parts: list[RewardResult]) -> RewardResult:
+        first = parts[0]
+        return RewardResult({k: np.concatenate([p.per_function[k] for p in parts]) for k in first.per_function},
+                            np.concatenate([p.total for p in parts]),
+                            {k: [s for p in parts for s in p.steps[k]] for k in first.steps}, first.step_weights)
+
+
+def _preview(completions: list, index: int) -> str:
+    return completion_text(completions[index]) if completions else ""
+
+
+def _steps(value, text: str, delimiter: str) -> list[tuple[int, float]]:
+    """A completion's step rewards as (end offset, reward) pairs. Plain numbers are the rewards
+    of the text's steps in order, a step ending after each `delimiter` (and at the end)."""
+    if all(isinstance(v, (tuple, list)) and len(v) == 2 for v in value):
+        return [(int(o), float(r)) for o, r in value]
+    ends, start = [], 0
+    while True:
+        cut = text.find(delimiter, start) if delimiter else -1
+        if cut < 0:
+            ends.append(len(text))
+            break
+        ends.append(cut + len(delimiter))
+        start = cut + len(delimiter)
+    if len(value) > len(ends):
+        raise ValueError(f"{len(value)} step rewards for a text of {len(ends)} steps")
+    return [(ends[i], float(r)) for i, r in enumerate(value)]
+
+
+def _validate(name: str, values: Any, completions: list, delimiter: str = "\n"):
+    """Check one function's result. Returns (N,) floats and, for a process reward (a list of
+    step rewards for some completion), the steps of every completion (else None)."""
+    n = len(completions)
+    def fail(message: str, i: int | None = None) -> RewardFunctionError:
+        text = _preview(completions, i or 0)
+        where = "" if i is None else f" (on completion: {text[:200]!r})"
+        return RewardFunctionError(f"reward function {name!r} {message}{where}", name, text, i)
+
+    if isinstance(values, np.ndarray) and values.ndim == 1:
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        raise fail(f"returned a {type(values).__name__}, expected a list of {n} floats or None")
+    if len(values) != n:
+        raise fail(f"returned {len(values)} values for {n} completions")
+    out = np.empty(n, dtype=np.float64)  # (N,)
+    steps: list | None = None
+    for i, v in enumerate(values):
+        if isinstance(v, (list, tuple)):  # a process reward: one value per reasoning step
+            steps = steps if steps is not None else [None] * n
+            text = _preview(completions, i)
+            try:
+                steps[i] = _steps(v, text, delimiter)
+            except (TypeError, ValueError) as e:
+                raise fail(f"returned step rewards that do not fit completion {i}: {e}", i) from None
+            bad = [r for _, r in steps[i] if not math.isfinite(r)]
+            if bad:
+                raise fail(f"returned step reward {bad[0]} for completion {i}", i)
+            out[i] = np.mean([r for _, r in steps[i]]) if steps[i] else np.nan
+        elif v is None:
+            out[i] = np.nan
+        elif isinstance(v, (numbers.Real, np.bool_)):
+            if not math.isfinite(float(v)):
+                raise fail(f"returned {float(v)} for completion {i}", i)
+            out[i] = float(v)
+        else:
+            raise fail(f"returned {v!r:.50} ({type(v).__name__}) for completion {i}", i)
+    if steps is not None:  # outcome values given alongside steps count as one final step
+        for i in range(n):
+            if steps[i] is None and not math.isnan(out[i]):
+                steps[i] = [(len(_preview(completions, i)), float(out[i]))]
+    return out, steps
+
+
+def _call_with_timeout(fn: RewardFn, timeout: float | None, **kwargs):
+    """Run fn in a worker thread and wait at most `timeout` seconds. A Python thread cannot be
+    killed: a hung function is abandoned (daemon thread) and reported; the run stops or skips."""
+    if not timeout:
+        return fn(**kwargs)
+    result: dict = {}
+
+    def target():
+        try:
+            result["value"] = fn(**kwargs)
+        except BaseException as e:  # handed to the caller's thread
+            result["error"] = e
+
+    worker = threading.Thread(target=target, daemon=True, name="reward-function")
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise TimeoutError(f"no result after {timeout:g} s")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def compute_rewards(reward_fns: list[tuple[str, RewardFn]], weights: list[float] | None,
+                    prompts: list, completions: list, columns: dict[str, list],
+                    timeout: float | None = None) -> RewardResult:
+    """Call each function once on the whole batch (at most `timeout` seconds each); validate;
+    weighted sum with None as 0."""
+    weights = [1.0] * len(reward_fns) if weights is None else list(weights)
+    if len(weights) != len(reward_fns):
+        raise ValueError(f"{len(weights)} reward weights for {len(reward_fns)} reward functions")
+    # The two names TRL passes explicitly would collide with a column of the same name.
+    columns = {k: v for k, v in columns.items() if k not in ("prompts", "completions")}
+    per_function: dict[str, np.ndarray] = {}
+    steps: dict[str, list] = {}
+    step_weights: dict[str, float] = {}
+    total = np.zeros(len(completions), dtype=np.float64)  # (N,)
+    for (name, fn), weight in zip(reward_fns, weights, strict=True):
+        key, k = name, 2
+        while key in per_function:  # the same function twice, e.g. with different options
+            key, k = f"{name}_{k}", k + 1
+        try:
+            values = _call_with_timeout(fn, timeout, prompts=prompts, completions=completions, **columns)
+        except Exception as e:
+            text = _preview(completions, 0)
+            raise RewardFunctionError(f"reward function {name!r} failed: {type(e).__name__}: {e} "
+                                      f"(on completion: {text[:200]!r})", name, text) from e
+        per_function[key], fn_steps = _validate(name, values, completions, getattr(fn, "step_delimiter", "\n"))
+        if fn_steps is not None:  # enters the advantages per token, not the outcome total
+            steps[key], step_weights[key] = fn_steps, weight
+        else:
+            total += weight * np.nan_to_num(per_function[key], nan=0.0)
+    return RewardResult(per_function=per_function, total=total, steps=steps, step_weights=step_weights)
