@@ -1,6 +1,8 @@
 """The training pass's log-probabilities: the chunked lm-head equals whole logits (values and
 gradients), models that cannot be split fall back, gradient checkpointing changes nothing."""
 
+import math
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -124,3 +126,27 @@ def test_grad_checkpoint_gives_the_same_gradients():
     for name, g in grads[False][1].items():
         np.testing.assert_allclose(np.array(grads[True][1][name]), np.array(g), rtol=1e-5, atol=1e-7)
     assert "layers.0" in str(sorted(grads[True][1])), "parameter names are unchanged"
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.5])
+def test_token_logprobs_match_naive_log_softmax(temperature):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(scale=3.0, size=(2, 4, 11))  # (N, T, V), float64 reference
+    targets = rng.integers(0, 11, size=(2, 4))  # (N, T)
+    x = logits / temperature
+    naive = x - np.log(np.exp(x).sum(-1, keepdims=True))  # (N, T, V) full log-softmax
+    expected = np.take_along_axis(naive, targets[..., None], axis=-1)[..., 0]  # (N, T)
+    got = token_logprobs_from_logits(
+        mx.array(logits.astype(np.float32)), mx.array(targets), temperature
+    )
+    assert got.dtype == mx.float32 and got.shape == (2, 4)
+    np.testing.assert_allclose(np.array(got), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_token_logprobs_half_precision_input_gives_float32():
+    logits = mx.array([[[0.0, math.log(3.0)]]], dtype=mx.float16)  # (1, 1, 2): p = [1/4, 3/4]
+    got = token_logprobs_from_logits(logits, mx.array([[1]]))  # (1, 1)
+    assert got.dtype == mx.float32
+    np.testing.assert_allclose(np.array(got), [[math.log(0.75)]], atol=1e-3)
+    with pytest.raises(ValueError, match="temperature"):
+        token_logprobs_from_logits(logits, mx.array([[1]]), temperature=0.0)
