@@ -11,12 +11,10 @@ torch.std). A group of one completion has no spread: its std is taken as 0, so i
 
 from __future__ import annotations
 
+import mlx.core as mx
 import numpy as np
 
-import mlx.core as mx
-
 from grpo_mlx.config import BASELINES, REWARD_COMBINATIONS, SCALE_REWARDS
-
 
 
 def _sample_std(x, axis=None, keepdims=False):
@@ -124,10 +122,22 @@ def step_arrays(tokenizer, steps: list, completion_ids: list[list[int]]):
     return mx.array(rewards), mx.array(index), mx.array(mask)
 
 
-def compute_advantages(per_function: dict, totals: np.ndarray, steps: dict, step_weights: dict, *,
-                       group_size: int, weights: list[float] | None, combination: str, scale: str,
-                       baseline: str, tokenizer, completion_ids: list[list[int]], num_tokens: int,
-                       rows: slice = slice(None)):
+def compute_advantages(
+    per_function: dict,
+    totals: np.ndarray,
+    steps: dict,
+    step_weights: dict,
+    *,
+    group_size: int,
+    weights: list[float] | None,
+    combination: str,
+    scale: str,
+    baseline: str,
+    tokenizer,
+    completion_ids: list[list[int]],
+    num_tokens: int,
+    rows: slice = slice(None),
+):
     """Advantages for one step's batch of B groups of G: (N,) from outcome rewards, or (N, T)
     when any reward function gave step rewards (outcome advantage broadcast + process part).
     With several ranks, per_function and totals hold the global batch and `rows` picks this
@@ -138,11 +148,11 @@ def compute_advantages(per_function: dict, totals: np.ndarray, steps: dict, step
     outcome = [name for name in per_function if name not in steps]
     if combination == "normalize_each" and len(outcome) > 1:
         stacked = np.stack([np.nan_to_num(per_function[k]).reshape(B, G) for k in outcome])  # (K, B, G)
-        adv = combined_advantages(mx.array(stacked), [by_name[k] for k in outcome], "normalize_each",
-                                  scale, baseline=baseline)  # (B, G)
+        adv = combined_advantages(
+            mx.array(stacked), [by_name[k] for k in outcome], "normalize_each", scale, baseline=baseline
+        )  # (B, G)
     else:
-        adv = group_advantages(mx.array(totals.reshape(B, G), dtype=mx.float32), scale,
-                               baseline=baseline)  # (B, G)
+        adv = group_advantages(mx.array(totals.reshape(B, G), dtype=mx.float32), scale, baseline=baseline)  # (B, G)
     adv = adv.reshape(-1)[rows]  # (N,)
     if not steps:
         return adv

@@ -32,18 +32,41 @@ from grpo_mlx.testing import PRESETS, NoStopTokenizer, build_random_model
 
 HELP = "Measure rollout and training speed, memory and this machine's ceilings (a table; --json for a file)."
 
-DEFAULTS = dict(batch_size=8, group_size=8, max_tokens=128, prompt_tokens=24, temperature=1.0, repeats=5,
-                train_repeats=3, beta=0.04, matmul_size=2048, bandwidth_mb=256, blas_probe_size=1024)
+DEFAULTS = dict(
+    batch_size=8,
+    group_size=8,
+    max_tokens=128,
+    prompt_tokens=24,
+    temperature=1.0,
+    repeats=5,
+    train_repeats=3,
+    beta=0.04,
+    matmul_size=2048,
+    bandwidth_mb=256,
+    blas_probe_size=1024,
+)
 # --quick: a smoke test of every section in seconds (what the tests run); explicit flags still win
-QUICK = dict(batch_size=2, group_size=2, max_tokens=8, repeats=1, train_repeats=1, logprob_rows=256,
-             matmul_size=256, bandwidth_mb=32, blas_probe_size=256)
+QUICK = dict(
+    batch_size=2,
+    group_size=2,
+    max_tokens=8,
+    repeats=1,
+    train_repeats=1,
+    logprob_rows=256,
+    matmul_size=256,
+    bandwidth_mb=32,
+    blas_probe_size=256,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="A local mlx-lm model directory (default: the embedded demo model).")
-    parser.add_argument("--random", metavar="NAME[:key=value,...]",
-                        help=f"A random-weight model instead: a preset ({', '.join(PRESETS)}) with optional config "
-                             "overrides, or an mlx-lm architecture name with its whole config (e.g. llama:hidden_size=64,...).")
+    parser.add_argument(
+        "--random",
+        metavar="NAME[:key=value,...]",
+        help=f"A random-weight model instead: a preset ({', '.join(PRESETS)}) with optional config "
+        "overrides, or an mlx-lm architecture name with its whole config (e.g. llama:hidden_size=64,...).",
+    )
     parser.add_argument("-B", "--batch-size", type=int, help="Prompts per rollout (B). [default: 8]")
     parser.add_argument("-G", "--group-size", type=int, help="Completions per prompt (G). [default: 8]")
     parser.add_argument("--max-tokens", type=int, help="Tokens generated per completion. [default: 128]")
@@ -55,10 +78,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-max-tokens", type=int, help="Token budget for the train step. [default: --max-tokens]")
     parser.add_argument("--train-repeats", type=int, help="Alternating train steps per beta. [default: 3]")
     parser.add_argument("--beta", type=float, help="The beta > 0 of the KL comparison. [default: 0.04]")
-    parser.add_argument("--logprob-rows", type=int, help="Rows (N*T) of the log-probability pass measurement. "
-                        "[default: the train step's N*T]")
-    parser.add_argument("--only", nargs="+", choices=["machine", "rollout", "train", "logprobs"],
-                        help="Run only these sections.")
+    parser.add_argument(
+        "--logprob-rows",
+        type=int,
+        help="Rows (N*T) of the log-probability pass measurement. [default: the train step's N*T]",
+    )
+    parser.add_argument(
+        "--only", nargs="+", choices=["machine", "rollout", "train", "logprobs"], help="Run only these sections."
+    )
     parser.add_argument("--quick", action="store_true", help="Tiny sizes and one repeat (a smoke test, seconds).")
     parser.add_argument("--json", metavar="PATH", help="Also write every figure to this JSON file.")
 
@@ -103,10 +130,12 @@ def alternate(variants: dict, repeats: int) -> dict:
 
 def timer(fn, scale: float = 1.0):
     """A function that runs fn() and returns its wall time in seconds times scale."""
+
     def once():
         t = time.perf_counter()
         fn()
         return scale * (time.perf_counter() - t)
+
     return once
 
 
@@ -178,8 +207,13 @@ def blas_probe(n: int, no_blas: bool) -> dict:
     env.pop("GRPO_MLX_NO_BLAS", None)
     if no_blas:
         env["GRPO_MLX_NO_BLAS"] = "1"
-    out = subprocess.run([sys.executable, "-c", "import grpo_mlx.bench as b; b.matmul_probe_main()", str(n)],
-                         env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "import grpo_mlx.bench as b; b.matmul_probe_main()", str(n)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -212,8 +246,9 @@ def machine(s: dict) -> dict:
     out = {"blas": blas_name(), "matmul_size": s["matmul_size"], "matmul_gflops": matmul_gflops(s["matmul_size"])}
     out["bandwidth_gbs"] = bandwidth(s["bandwidth_mb"])
     n = s["blas_probe_size"]
-    runs = alternate({"system": lambda: blas_probe(n, False), "bundled": lambda: blas_probe(n, True)},
-                     1 if s["quick"] else 2)
+    runs = alternate(
+        {"system": lambda: blas_probe(n, False), "bundled": lambda: blas_probe(n, True)}, 1 if s["quick"] else 2
+    )
     out["blas_probe"] = {
         "size": n,
         "system_blas": runs["system"][0]["blas"],
@@ -238,9 +273,14 @@ def rollout_once(model, prompts, G, T, temperature) -> dict:
     roll = generate_groups(model, NoStopTokenizer(), prompts, G, T, temperature)
     wall = time.perf_counter() - t
     assert roll.tokens.shape == (len(prompts) * G, T) and roll.lengths.min() == T, "every row runs to the budget"
-    return dict(prefill_s=roll.prefill_time, decode_s=roll.decode_time, wall_s=wall,
-                prefill_tokens=sum(len(p) - 1 for p in prompts), generated=int(roll.lengths.sum()),
-                peak_gb=mx.get_peak_memory() / 1e9)
+    return dict(
+        prefill_s=roll.prefill_time,
+        decode_s=roll.decode_time,
+        wall_s=wall,
+        prefill_tokens=sum(len(p) - 1 for p in prompts),
+        generated=int(roll.lengths.sum()),
+        peak_gb=mx.get_peak_memory() / 1e9,
+    )
 
 
 def batch_generator_once(model, prompts, G, T, temperature) -> dict:
@@ -258,8 +298,9 @@ def _batch_generator_once(model, prompts, G, T, temperature) -> dict:
     from mlx_lm.sample_utils import make_sampler
 
     n = len(prompts) * G
-    gen = BatchGenerator(model, max_tokens=T, sampler=make_sampler(temp=temperature),
-                         completion_batch_size=n, prefill_batch_size=n)
+    gen = BatchGenerator(
+        model, max_tokens=T, sampler=make_sampler(temp=temperature), completion_batch_size=n, prefill_batch_size=n
+    )
     mx.synchronize()
     mx.reset_peak_memory()
     t = time.perf_counter()
@@ -273,8 +314,14 @@ def _batch_generator_once(model, prompts, G, T, temperature) -> dict:
     wall = time.perf_counter() - t
     gen.close()
     assert generated == n * T, "every row runs to the budget"
-    return dict(prefill_s=stats.prompt_time, decode_s=stats.decode_time, wall_s=wall,
-                prefill_tokens=stats.prompt_tokens, generated=generated, peak_gb=mx.get_peak_memory() / 1e9)
+    return dict(
+        prefill_s=stats.prompt_time,
+        decode_s=stats.decode_time,
+        wall_s=wall,
+        prefill_tokens=stats.prompt_tokens,
+        generated=generated,
+        peak_gb=mx.get_peak_memory() / 1e9,
+    )
 
 
 def sampling_step(n: int, vocab: int, temperature: float, repeats: int) -> dict:
@@ -295,12 +342,15 @@ def sampling_step(n: int, vocab: int, temperature: float, repeats: int) -> dict:
         tok = chain(logprobs)
         mx.eval(tok, mx.take_along_axis(logprobs, tok[:, None], axis=-1))
 
-    runs = alternate({
-        "mlx_lm_style": timer(mlx_lm_style, 1000),
-        "mlx_eager": timer(lambda: mx.eval(*eager(logits)), 1000),
-        "mlx_compiled": timer(lambda: mx.eval(*compiled(logits)), 1000),
-        "numpy_host": timer(lambda: host_pick(logits, temperature), 1000),
-    }, repeats)
+    runs = alternate(
+        {
+            "mlx_lm_style": timer(mlx_lm_style, 1000),
+            "mlx_eager": timer(lambda: mx.eval(*eager(logits)), 1000),
+            "mlx_compiled": timer(lambda: mx.eval(*compiled(logits)), 1000),
+            "numpy_host": timer(lambda: host_pick(logits, temperature), 1000),
+        },
+        repeats,
+    )
     return {k: median(v) for k, v in runs.items()}
 
 
@@ -314,19 +364,26 @@ def swiglu_step(n: int, width: int, repeats: int) -> dict:
     gate, up = mx.random.normal((n, width)) * 2.0, mx.random.normal((n, width))
     mx.eval(gate, up)
 
-    runs = alternate({"mlx_lm": timer(lambda: mx.eval(mlx_lm_swiglu(gate, up)), 1000),
-                      "cpu_kernels": timer(lambda: mx.eval(swiglu(gate, up)), 1000)}, repeats)
+    runs = alternate(
+        {
+            "mlx_lm": timer(lambda: mx.eval(mlx_lm_swiglu(gate, up)), 1000),
+            "cpu_kernels": timer(lambda: mx.eval(swiglu(gate, up)), 1000),
+        },
+        repeats,
+    )
     return {"rows": n, "width": width, **{k: median(v) for k, v in runs.items()}}
 
 
 def rollout(model, shape, prompts, s: dict, ceilings: dict) -> dict:
     B, G, T = len(prompts), s["group_size"], s["max_tokens"]
-    runs = alternate({
-        "grpo_mlx": lambda: rollout_once(model, prompts, G, T, s["temperature"]),
-        "batch_generator": lambda: batch_generator_once(model, prompts, G, T, s["temperature"]),
-    }, s["repeats"])
-    out = {"B": B, "G": G, "max_tokens": T, "repeats": s["repeats"],
-           "prompt_lengths": [len(p) for p in prompts]}
+    runs = alternate(
+        {
+            "grpo_mlx": lambda: rollout_once(model, prompts, G, T, s["temperature"]),
+            "batch_generator": lambda: batch_generator_once(model, prompts, G, T, s["temperature"]),
+        },
+        s["repeats"],
+    )
+    out = {"B": B, "G": G, "max_tokens": T, "repeats": s["repeats"], "prompt_lengths": [len(p) for p in prompts]}
     cover = B * G * sum(len(p) for p in prompts) / B  # prompt tokens every row needs in its cache
     for name, rows in runs.items():
         m = medians(rows)
@@ -372,18 +429,31 @@ def train(model, shape, prompts, answers, tokenizer, s: dict, ceilings: dict) ->
     from grpo_mlx.trainer import Trainer, make_optimizer
 
     G, T = s["train_group_size"], s["train_max_tokens"]
-    options = {"model": s.get("model") or None, "data": DEMO_DATA, "num_layers": -1 if s["is_demo"] else 16,
-               "batch_size": len(prompts), "group_size": G, "max_completion_length": T,
-               "temperature": s["temperature"], "learning_rate": 1e-5, "samples_per_step": 0,
-               "reward_functions": ["accuracy" if answers else "length"]}
+    options = {
+        "model": s.get("model") or None,
+        "data": DEMO_DATA,
+        "num_layers": -1 if s["is_demo"] else 16,
+        "batch_size": len(prompts),
+        "group_size": G,
+        "max_completion_length": T,
+        "temperature": s["temperature"],
+        "learning_rate": 1e-5,
+        "samples_per_step": 0,
+        "reward_functions": ["accuracy" if answers else "length"],
+    }
     cfg = build_config(options)
     adapter_config = add_adapters(model, cfg)
     initial = tree_flatten(model.trainable_parameters())
-    examples = [{"prompt": "", "prompt_text": "", "prompt_ids": p, **({"answer": answers[i]} if answers else {})}
-                for i, p in enumerate(prompts)]
-    trainers = {name: Trainer.from_parts(build_config({**options, "beta": beta}), model, tokenizer, examples,
-                                         adapter_config=adapter_config)
-                for name, beta in (("beta_0", 0.0), ("beta_pos", s["beta"]))}
+    examples = [
+        {"prompt": "", "prompt_text": "", "prompt_ids": p, **({"answer": answers[i]} if answers else {})}
+        for i, p in enumerate(prompts)
+    ]
+    trainers = {
+        name: Trainer.from_parts(
+            build_config({**options, "beta": beta}), model, tokenizer, examples, adapter_config=adapter_config
+        )
+        for name, beta in (("beta_0", 0.0), ("beta_pos", s["beta"]))
+    }
 
     def one_step(trainer):
         model.load_weights(initial, strict=False)
@@ -393,8 +463,13 @@ def train(model, shape, prompts, answers, tokenizer, s: dict, ceilings: dict) ->
         mx.synchronize()
         m = trainer.train_step(0)
         times = {phase: m[f"time/{phase}"] for phase in ("rollout", "rewards", "reference", "update")}
-        return dict(**times, step=m["step_time"], peak_gb=m["peak_memory_gb"], generated=m["num_tokens"],
-                    mean_length=m["completions/mean_length"])
+        return dict(
+            **times,
+            step=m["step_time"],
+            peak_gb=m["peak_memory_gb"],
+            generated=m["num_tokens"],
+            mean_length=m["completions/mean_length"],
+        )
 
     runs = alternate({name: (lambda t=t: one_step(t)) for name, t in trainers.items()}, s["train_repeats"])
     out = {"B": len(prompts), "G": G, "max_tokens": T, "beta": s["beta"], "repeats": s["train_repeats"]}
@@ -455,13 +530,20 @@ def logprob_pass(model, shape, rows: int, temperature: float, quick: bool) -> di
             t = time.perf_counter()
             mx.eval(step(hidden))
             return dict(seconds=time.perf_counter() - t, peak_gb=(mx.get_peak_memory() - base) / 1e9)
+
         return once
 
     full_gb = rows * V * 4 / 1e9
-    out = {"rows": rows, "vocab": V, "full_log_softmax_gb": full_gb,
-           "full_log_softmax_gb_at_64x512": 64 * 512 * V * 4 / 1e9}
+    out = {
+        "rows": rows,
+        "vocab": V,
+        "full_log_softmax_gb": full_gb,
+        "full_log_softmax_gb_at_64x512": 64 * 512 * V * 4 / 1e9,
+    }
     variants = {"chunked": measure(True)}
-    if 3.5 * full_gb < 0.5 * _available_memory() / 1e9:  # whole logits need about 3x their size: skip when they would not fit
+    if (
+        3.5 * full_gb < 0.5 * _available_memory() / 1e9
+    ):  # whole logits need about 3x their size: skip when they would not fit
         variants["whole"] = measure(False)
     else:
         out["whole"] = {"skipped": f"would need about {3.5 * full_gb:.1f} GB"}
@@ -477,7 +559,8 @@ def logprob_pass(model, shape, rows: int, temperature: float, quick: bool) -> di
 def _available_memory() -> int:
     """Bytes of RAM available, from /proc/meminfo (or the total, from sysconf)."""
     try:
-        info = dict(line.split(":", 1) for line in open("/proc/meminfo", encoding="ascii"))
+        with open("/proc/meminfo", encoding="ascii") as f:
+            info = dict(line.split(":", 1) for line in f)
         return int(info["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -489,11 +572,12 @@ def _available_memory() -> int:
 def bench(s: dict, sections: set) -> dict:
     import random
 
-
     from grpo_mlx.config import DEMO_DATA, DEMO_MODEL
     from grpo_mlx.policy import load_model, on_cpu, prepare_for_cpu
 
-    report: dict = {"settings": {k: v for k, v in s.items() if isinstance(v, (str, int, float, bool, list, type(None)))}}
+    report: dict = {
+        "settings": {k: v for k, v in s.items() if isinstance(v, (str, int, float, bool, list, type(None)))}
+    }
     if "machine" in sections:
         report["machine"] = machine(s)
     else:
@@ -542,47 +626,69 @@ def bench(s: dict, sections: set) -> dict:
 
 def print_report(r: dict) -> None:
     m, model = r["machine"], r["model"]
-    print(f"grpo-mlx bench: {model['name']}  |  {model['params'] / 1e6:.1f}M parameters, vocab {model['vocab']}, "
-          f"{model['layers']} layers  |  {model['device']}, float32  |  BLAS: {m['blas']}")
+    print(
+        f"grpo-mlx bench: {model['name']}  |  {model['params'] / 1e6:.1f}M parameters, vocab {model['vocab']}, "
+        f"{model['layers']} layers  |  {model['device']}, float32  |  BLAS: {m['blas']}"
+    )
     if "matmul_gflops" in m:
         bw, probe = m["bandwidth_gbs"], m["blas_probe"]
         print("\nmachine")
         print(f"  matmul fp32 {m['matmul_size']}^3              {m['matmul_gflops']:8.1f} GFLOP/s")
-        print(f"  memory bandwidth                {bw['ceiling']:8.1f} GB/s   (mlx sum {bw['mlx_sum']:.1f}, mlx copy "
-              f"{bw['mlx_copy']:.1f}, numpy sum {bw['numpy_sum']:.1f}, numpy copy {bw['numpy_copy']:.1f})")
-        print(f"  OpenBLAS speed-up (fp32 {probe['size']}^3)  {probe['speedup']:8.1f}x     ({probe['system_gflops']:.1f} "
-              f"GFLOP/s with {probe['system_blas']} vs {probe['bundled_gflops']:.1f} with GRPO_MLX_NO_BLAS=1)")
+        print(
+            f"  memory bandwidth                {bw['ceiling']:8.1f} GB/s   (mlx sum {bw['mlx_sum']:.1f}, mlx copy "
+            f"{bw['mlx_copy']:.1f}, numpy sum {bw['numpy_sum']:.1f}, numpy copy {bw['numpy_copy']:.1f})"
+        )
+        print(
+            f"  OpenBLAS speed-up (fp32 {probe['size']}^3)  {probe['speedup']:8.1f}x     ({probe['system_gflops']:.1f} "
+            f"GFLOP/s with {probe['system_blas']} vs {probe['bundled_gflops']:.1f} with GRPO_MLX_NO_BLAS=1)"
+        )
     if "rollout" in r:
         ro = r["rollout"]
         ours, bg = ro["grpo_mlx"], ro["batch_generator"]
         lens = ro["prompt_lengths"]
-        print(f"\nrollout  B={ro['B']} G={ro['G']}, {ro['max_tokens']} new tokens, prompts {min(lens)}-{max(lens)} tokens, "
-              f"medians of {ro['repeats']} alternating runs")
+        print(
+            f"\nrollout  B={ro['B']} G={ro['G']}, {ro['max_tokens']} new tokens, "
+            f"prompts {min(lens)}-{max(lens)} tokens, medians of {ro['repeats']} alternating runs"
+        )
         print(f"  {'':30}{'grpo-mlx':>12}{'BatchGenerator':>16}{'ratio':>8}")
-        rows = [("prefill (s)", "prefill_s", ".3f", False), ("prefill (prompt tok/s)", "prefill_tok_s", ".0f", True),
-                ("decode (s)", "decode_s", ".3f", False), ("decode (tok/s)", "decode_tok_s", ".0f", True),
-                ("rollout wall (s)", "wall_s", ".3f", False), ("peak memory (GB)", "peak_gb", ".3f", False)]
+        rows = [
+            ("prefill (s)", "prefill_s", ".3f", False),
+            ("prefill (prompt tok/s)", "prefill_tok_s", ".0f", True),
+            ("decode (s)", "decode_s", ".3f", False),
+            ("decode (tok/s)", "decode_tok_s", ".0f", True),
+            ("rollout wall (s)", "wall_s", ".3f", False),
+            ("peak memory (GB)", "peak_gb", ".3f", False),
+        ]
         for label, key, fmt, higher in rows:
             ratio = ours[key] / bg[key] if higher else bg[key] / ours[key]
             print(f"  {label:30}{ours[key]:>12{fmt}}{bg[key]:>16{fmt}}{ratio:>7.2f}x")
         d = ro["decode_step"]
         line = f"  decode step {d['ms']:.1f} ms: {d['bytes'] / 1e6:.0f} MB of weights+KV read -> {d['gb_s']:.1f} GB/s"
         if "bandwidth_fraction" in d:
-            line += (f" ({d['bandwidth_fraction']:.0%} of bandwidth), {d['gflops']:.1f} GFLOP/s "
-                     f"({d['compute_fraction']:.0%} of matmul)")
+            line += (
+                f" ({d['bandwidth_fraction']:.0%} of bandwidth), {d['gflops']:.1f} GFLOP/s "
+                f"({d['compute_fraction']:.0%} of matmul)"
+            )
         print(line)
         sm = ro["sampling_ms"]
-        print(f"  sampling step ({ro['B'] * ro['G']} x {model['vocab']}): mlx-lm style {sm['mlx_lm_style']:.1f} ms, "
-              f"ours MLX eager {sm['mlx_eager']:.1f} / compiled {sm['mlx_compiled']:.1f} / numpy {sm['numpy_host']:.1f} ms")
+        print(
+            f"  sampling step ({ro['B'] * ro['G']} x {model['vocab']}): mlx-lm style {sm['mlx_lm_style']:.1f} ms, "
+            f"ours MLX eager {sm['mlx_eager']:.1f} / compiled {sm['mlx_compiled']:.1f} / "
+            f"numpy {sm['numpy_host']:.1f} ms"
+        )
         if "swiglu_ms" in ro:
             sw = ro["swiglu_ms"]
-            print(f"  SwiGLU of one MLP ({sw['rows']} x {sw['width']}, x{model['layers']} layers a step): mlx-lm "
-                  f"{sw['mlx_lm']:.2f} ms, grpo_mlx.cpu_kernels {sw['cpu_kernels']:.2f} ms")
+            print(
+                f"  SwiGLU of one MLP ({sw['rows']} x {sw['width']}, x{model['layers']} layers a step): mlx-lm "
+                f"{sw['mlx_lm']:.2f} ms, grpo_mlx.cpu_kernels {sw['cpu_kernels']:.2f} ms"
+            )
     if "train" in r:
         tr = r["train"]
         a, b = tr["beta_0"], tr["beta_pos"]
-        print(f"\ntrain step (Trainer.train_step)  B={tr['B']} G={tr['G']}, budget {tr['max_tokens']} "
-              f"(mean length {a['mean_length']:.1f}), medians of {tr['repeats']} alternating steps")
+        print(
+            f"\ntrain step (Trainer.train_step)  B={tr['B']} G={tr['G']}, budget {tr['max_tokens']} "
+            f"(mean length {a['mean_length']:.1f}), medians of {tr['repeats']} alternating steps"
+        )
         beta = f"beta={tr['beta']}"
         print(f"  {'':30}{'beta=0':>12}{beta:>16}")
         labels = {"update": "loss + gradients + update (s)", "step": "whole step (s)"}
@@ -590,7 +696,10 @@ def print_report(r: dict) -> None:
             print(f"  {labels.get(key, key + ' (s)'):30}{a[key]:>12.3f}{b[key]:>16.3f}")
         print(f"  {'peak memory, step (GB)':30}{a['peak_gb']:>12.3f}{b['peak_gb']:>16.3f}{tr['peak_ratio']:>7.2f}x")
         tm = tr["train_matmuls"]
-        line = f"  training matmuls: {tm['gflops_6pt']:.1f} GFLOP/s counted as 6*params*tokens, {tm['gflops_lora']:.1f} as LoRA's 4*params*tokens"
+        line = (
+            f"  training matmuls: {tm['gflops_6pt']:.1f} GFLOP/s counted as 6*params*tokens, "
+            f"{tm['gflops_lora']:.1f} as LoRA's 4*params*tokens"
+        )
         if "fraction_6pt" in tm:
             line += f" ({tm['fraction_6pt']:.0%} / {tm['fraction_lora']:.0%} of matmul)"
         print(line)
@@ -608,6 +717,8 @@ def print_report(r: dict) -> None:
                 print(f"  whole (rows, V) logits          {w['peak_gb']:8.3f} GB peak  {w['seconds']:8.2f} s")
             else:
                 print(f"  whole (rows, V) logits          skipped: {w['skipped']}")
-            print(f"  full float32 log-softmax        {lp['full_log_softmax_gb']:8.3f} GB  -> chunked peak is "
-                  f"{lp['chunked_over_full_log_softmax']:.2f}x of it (at N=64, T=512 it would be "
-                  f"{lp['full_log_softmax_gb_at_64x512']:.1f} GB)")
+            print(
+                f"  full float32 log-softmax        {lp['full_log_softmax_gb']:8.3f} GB  -> chunked peak is "
+                f"{lp['chunked_over_full_log_softmax']:.2f}x of it (at N=64, T=512 it would be "
+                f"{lp['full_log_softmax_gb_at_64x512']:.1f} GB)"
+            )

@@ -20,8 +20,9 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from grpo_mlx.policy import save_adapters
 from grpo_mlx.errors import UserError
+from grpo_mlx.policy import save_adapters
+
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint could not be written (full disk, permissions); earlier ones are intact."""
@@ -58,8 +59,9 @@ def _copy_atomic(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def save_checkpoint(run_dir, step: int, model, adapter_config: dict, optimizer, state: dict,
-                    extra: dict | None = None) -> Path:
+def save_checkpoint(
+    run_dir, step: int, model, adapter_config: dict, optimizer, state: dict, extra: dict | None = None
+) -> Path:
     """Write checkpoint `step` atomically and publish its adapters at the top of run_dir.
     `extra` maps a name to arrays saved beside them as `<name>.safetensors`."""
     run_dir = Path(run_dir)

@@ -118,9 +118,11 @@ class ProgressPrinter:
             self.t0 = time.time()
             cfg = event["config"]
             self.write(f"grpo-mlx: run directory {event['run_dir']}")
-            self.write(f"  model {cfg['model']}  |  {event['train_examples']} train prompts, "
-                       f"{event['eval_examples']} held-out  |  B={cfg['batch_size']} G={cfg['group_size']} "
-                       f"loss={cfg['loss_type']} beta={cfg['beta']}  |  BLAS: {event['blas']}")
+            self.write(
+                f"  model {cfg['model']}  |  {event['train_examples']} train prompts, "
+                f"{event['eval_examples']} held-out  |  B={cfg['batch_size']} G={cfg['group_size']} "
+                f"loss={cfg['loss_type']} beta={cfg['beta']}  |  BLAS: {event['blas']}"
+            )
             if event["start_step"]:
                 self.write(f"  resuming at step {event['start_step']}")
         elif kind == "message":
@@ -135,8 +137,10 @@ class ProgressPrinter:
             s = event["summary"]
             if "accuracy_before" in s and "accuracy_after" in s:
                 self.write(f"held-out accuracy: {s['accuracy_before']:.1%} -> {s['accuracy_after']:.1%}")
-            self.write(f"{event['status']} after {event['step']} steps in {_fmt_time(time.time() - self.t0)}; "
-                       f"adapters in {s.get('run_dir')}")
+            self.write(
+                f"{event['status']} after {event['step']} steps in {_fmt_time(time.time() - self.t0)}; "
+                f"adapters in {s.get('run_dir')}"
+            )
 
     def _step(self, event: dict) -> None:
         step, m = event["step"], event["metrics"]
@@ -149,8 +153,7 @@ class ProgressPrinter:
         frac = step / max(self.total, 1)
         bar = "#" * int(frac * 20) + "-" * (20 - int(frac * 20))
         acc = m.get(M.reward_mean("accuracy"))
-        parts = [f"step {step:>{len(str(self.total))}}/{self.total} [{bar}]",
-                 f"reward {m[M.REWARD]:.3f}"]
+        parts = [f"step {step:>{len(str(self.total))}}/{self.total} [{bar}]", f"reward {m[M.REWARD]:.3f}"]
         if acc is not None:
             parts.append(f"acc {acc:.2f}")
         if M.KL in m:
@@ -175,10 +178,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from grpo_mlx.blas import use_system_blas
 
     use_system_blas()
+    import mlx.core as mx
+
     from grpo_mlx.events import EventBus
     from grpo_mlx.trainer import Trainer
-
-    import mlx.core as mx
 
     bus = EventBus()
     if mx.distributed.init().rank() == 0:  # under mlx.launch, one progress bar, not one per rank

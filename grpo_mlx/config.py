@@ -16,7 +16,8 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
+
 from grpo_mlx.errors import UserError
 
 DEMO_DIR = Path(__file__).parent / "demo"
@@ -43,14 +44,22 @@ def _f(default, help: str, **kw):
 @dataclass
 class TrainConfig:
     # --- what to train on
-    model: Optional[str] = _f(None, "Model: a local mlx-lm model directory or a Hugging Face repo id. Default: the embedded demo model.")
-    data: Optional[str] = _f(None, "Data: a directory with train/valid/test.jsonl, a .jsonl file, or a Hugging Face dataset id. Default: the demo task.")
+    model: str | None = _f(
+        None, "Model: a local mlx-lm model directory or a Hugging Face repo id. Default: the embedded demo model."
+    )
+    data: str | None = _f(
+        None,
+        "Data: a directory with train/valid/test.jsonl, a .jsonl file, or a Hugging Face dataset id. "
+        "Default: the demo task.",
+    )
     prompt_key: str = _f("prompt", "Column that holds the prompt (a string or a list of chat messages).")
     answer_key: str = _f("answer", "Column that holds the reference answer (passed to rewards as `answer`).")
-    system_prompt: Optional[str] = _f(None, "System prompt prepended to every prompt.")
-    max_prompt_length: Optional[int] = _f(None, "Refuse prompts longer than this many tokens (default: no limit).")
-    adapter_path: Optional[str] = _f(None, "Run directory: adapters, checkpoints, metrics.jsonl, samples.jsonl. Default: runs/<timestamp>.")
-    resume: Optional[str] = _f(None, "Continue the run in this run directory from its last checkpoint.")
+    system_prompt: str | None = _f(None, "System prompt prepended to every prompt.")
+    max_prompt_length: int | None = _f(None, "Refuse prompts longer than this many tokens (default: no limit).")
+    adapter_path: str | None = _f(
+        None, "Run directory: adapters, checkpoints, metrics.jsonl, samples.jsonl. Default: runs/<timestamp>."
+    )
+    resume: str | None = _f(None, "Continue the run in this run directory from its last checkpoint.")
     seed: int = _f(0, "Random seed for data order, sampling and LoRA initialisation.")
 
     # --- adapters
@@ -59,7 +68,9 @@ class TrainConfig:
     lora_rank: int = _f(8, "LoRA rank.")
     lora_scale: float = _f(20.0, "LoRA scale (mlx-lm's `scale`, multiplies the adapter output).")
     lora_dropout: float = _f(0.0, "LoRA dropout.")
-    lora_keys: Optional[list] = _f(None, "Module keys to adapt inside each block (e.g. self_attn.q_proj); default: every linear layer.")
+    lora_keys: list | None = _f(
+        None, "Module keys to adapt inside each block (e.g. self_attn.q_proj); default: every linear layer."
+    )
 
     # --- GRPO
     iters: int = _f(200, "Number of training steps (each: sample, score, update).")
@@ -71,22 +82,42 @@ class TrainConfig:
     top_k: int = _f(0, "Sample only among the k most likely tokens (0 = off).")
     min_p: float = _f(0.0, "Drop tokens below min-p times the top token's probability (0 = off).")
     stop: list = _f([], "Stop strings that end a completion (EOS always does).")
-    reward_functions: list = _f(["accuracy"], "Reward functions: built-in names (accuracy, format, format_soft, overlong, length, code), file.py:function or module:function.")
-    reward_weights: Optional[list] = _f(None, "Weight of each reward function (default: all 1).")
+    reward_functions: list = _f(
+        ["accuracy"],
+        "Reward functions: built-in names (accuracy, format, format_soft, overlong, length, code), "
+        "file.py:function or module:function.",
+    )
+    reward_weights: list | None = _f(None, "Weight of each reward function (default: all 1).")
     scale_rewards: str = _f("group", "Advantage scaling: group (z-score in group), batch (batch std), none (Dr. GRPO).")
     loss_type: str = _f("grpo", "Loss: grpo, bnpo, dr_grpo, dapo (aggregations of the clipped objective) or cispo.")
     importance_sampling_level: str = _f("token", "Importance ratio per token (GRPO) or per sequence (GSPO).")
-    beta: float = _f(0.0, "KL penalty coefficient towards the reference (the base model, adapters off). 0 skips the reference pass.")
+    beta: float = _f(
+        0.0, "KL penalty coefficient towards the reference (the base model, adapters off). 0 skips the reference pass."
+    )
     epsilon: float = _f(0.2, "Lower clipping range of the importance ratio.")
-    epsilon_high: Optional[float] = _f(None, "Upper clipping range (DAPO clip-higher); default: epsilon.")
+    epsilon_high: float | None = _f(None, "Upper clipping range (DAPO clip-higher); default: epsilon.")
     kl_estimator: str = _f("k3", "KL estimator: k1 (log ratio), k2 (half squared log ratio) or k3 (exp(x) - x - 1).")
-    kl_in_reward: bool = _f(False, "Subtract beta * KL of each completion from its reward instead of adding beta * KL to the loss.")
-    ref_update_every: int = _f(0, "Iterative GRPO: every N steps the reference becomes the current policy (0 = the base model always).")
-    delta: Optional[float] = _f(None, "Two-sided clipping: cap the ratio at delta for negative advantages (> 1 + epsilon_high).")
-    advantage_baseline: str = _f("mean", "Baseline subtracted from each reward: mean (of the group) or leave_one_out (RLOO).")
-    reward_combination: str = _f("sum", "Several rewards: sum (weighted sum, then normalise) or normalize_each (normalise each, then sum).")
-    num_iterations: int = _f(1, "Updates per rollout batch (mu). With 1 the ratio is exactly 1 and clipping never acts.")
-    dynamic_sampling: bool = _f(False, "Drop groups whose rewards are all equal and sample more prompts to refill the batch (DAPO).")
+    kl_in_reward: bool = _f(
+        False, "Subtract beta * KL of each completion from its reward instead of adding beta * KL to the loss."
+    )
+    ref_update_every: int = _f(
+        0, "Iterative GRPO: every N steps the reference becomes the current policy (0 = the base model always)."
+    )
+    delta: float | None = _f(
+        None, "Two-sided clipping: cap the ratio at delta for negative advantages (> 1 + epsilon_high)."
+    )
+    advantage_baseline: str = _f(
+        "mean", "Baseline subtracted from each reward: mean (of the group) or leave_one_out (RLOO)."
+    )
+    reward_combination: str = _f(
+        "sum", "Several rewards: sum (weighted sum, then normalise) or normalize_each (normalise each, then sum)."
+    )
+    num_iterations: int = _f(
+        1, "Updates per rollout batch (mu). With 1 the ratio is exactly 1 and clipping never acts."
+    )
+    dynamic_sampling: bool = _f(
+        False, "Drop groups whose rewards are all equal and sample more prompts to refill the batch (DAPO)."
+    )
     max_resample_rounds: int = _f(3, "With dynamic sampling: at most this many extra sampling rounds per step.")
 
     # --- optimisation
@@ -96,19 +127,31 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this (0 = off).")
     gradient_accumulation_steps: int = _f(1, "Split each step's B*G completions into this many micro-batches.")
-    grad_checkpoint: bool = _f(False, "Recompute each transformer block's activations in the backward pass instead of keeping them: less memory, about a third more compute.")
+    grad_checkpoint: bool = _f(
+        False,
+        "Recompute each transformer block's activations in the backward pass instead of keeping them: "
+        "less memory, about a third more compute.",
+    )
 
     # --- faults
-    reward_error_policy: str = _f("stop", "When a reward function fails: stop (save a checkpoint and exit) or skip (skip the step).")
-    reward_timeout: float = _f(60.0, "Seconds a reward function may take on one batch before it counts as failed (0 = no limit).")
-    max_bad_steps: int = _f(3, "Stop after this many skipped steps in a row (non-finite loss or gradients, failing rewards).")
+    reward_error_policy: str = _f(
+        "stop", "When a reward function fails: stop (save a checkpoint and exit) or skip (skip the step)."
+    )
+    reward_timeout: float = _f(
+        60.0, "Seconds a reward function may take on one batch before it counts as failed (0 = no limit)."
+    )
+    max_bad_steps: int = _f(
+        3, "Stop after this many skipped steps in a row (non-finite loss or gradients, failing rewards)."
+    )
 
     # --- reporting and checkpoints
     save_every: int = _f(50, "Save a checkpoint every N steps (and always at the end).")
     samples_per_step: int = _f(4, "Groups per step written to samples.jsonl and shown live (-1 = all).")
     eval_limit: int = _f(200, "Held-out prompts scored greedily before and after training (0 = skip).")
     eval_split: str = _f("test", "Split used for the before/after evaluation (falls back to valid).")
-    eval_every: int = _f(0, "Also score the held-out prompts greedily every N steps, as an `eval` event (0 = only before and after).")
+    eval_every: int = _f(
+        0, "Also score the held-out prompts greedily every N steps, as an `eval` event (0 = only before and after)."
+    )
 
     @property
     def is_demo(self) -> bool:
@@ -244,7 +287,12 @@ def validate(cfg: TrainConfig) -> None:
         if not ok:
             raise ConfigError(f"'{key}' = {getattr(cfg, key)!r}: {why}")
 
-    need(cfg.data is not None, "data", "required when a model is given: a directory of train/valid/test.jsonl, a .jsonl file or a Hugging Face dataset id")
+    need(
+        cfg.data is not None,
+        "data",
+        "required when a model is given: a directory of train/valid/test.jsonl, a .jsonl file "
+        "or a Hugging Face dataset id",
+    )
     need(cfg.group_size >= 2, "group_size", "must be at least 2 (advantages compare completions within a group)")
     need(cfg.batch_size >= 1, "batch_size", "must be at least 1")
     need(cfg.iters >= 0, "iters", "must be >= 0")
@@ -271,9 +319,17 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"must be one of {', '.join(KL_ESTIMATORS)}")
     need(cfg.ref_update_every >= 0, "ref_update_every", "must be >= 0")
     eps_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
-    need(cfg.delta is None or cfg.delta > 1 + eps_high, "delta", f"must be greater than 1 + epsilon_high = {1 + eps_high:g}")
+    need(
+        cfg.delta is None or cfg.delta > 1 + eps_high,
+        "delta",
+        f"must be greater than 1 + epsilon_high = {1 + eps_high:g}",
+    )
     need(cfg.advantage_baseline in BASELINES, "advantage_baseline", f"must be one of {', '.join(BASELINES)}")
-    need(cfg.reward_combination in REWARD_COMBINATIONS, "reward_combination", f"must be one of {', '.join(REWARD_COMBINATIONS)}")
+    need(
+        cfg.reward_combination in REWARD_COMBINATIONS,
+        "reward_combination",
+        f"must be one of {', '.join(REWARD_COMBINATIONS)}",
+    )
     need(cfg.reward_error_policy in ("stop", "skip"), "reward_error_policy", "must be stop or skip")
     need(cfg.reward_timeout >= 0, "reward_timeout", "must be >= 0")
     need(cfg.max_bad_steps >= 1, "max_bad_steps", "must be at least 1")
@@ -281,7 +337,11 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.max_prompt_length is None or cfg.max_prompt_length >= 1, "max_prompt_length", "must be at least 1")
     need(cfg.loss_type in LOSS_TYPES, "loss_type", f"must be one of {', '.join(LOSS_TYPES)}")
     need(cfg.scale_rewards in SCALE_REWARDS, "scale_rewards", f"must be one of {', '.join(SCALE_REWARDS)}")
-    need(cfg.importance_sampling_level in IMPORTANCE_LEVELS, "importance_sampling_level", f"must be one of {', '.join(IMPORTANCE_LEVELS)}")
+    need(
+        cfg.importance_sampling_level in IMPORTANCE_LEVELS,
+        "importance_sampling_level",
+        f"must be one of {', '.join(IMPORTANCE_LEVELS)}",
+    )
     need(cfg.fine_tune_type in FINE_TUNE_TYPES, "fine_tune_type", f"must be one of {', '.join(FINE_TUNE_TYPES)}")
     need(len(cfg.reward_functions) >= 1, "reward_functions", "name at least one reward function")
     need(

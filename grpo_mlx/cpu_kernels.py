@@ -83,8 +83,9 @@ _FAST_CLASSES: dict[type, type] = {}  # original MLP class -> its fast subclass
 
 def _fast_class(cls: type) -> type:
     if cls not in _FAST_CLASSES:
-        fast = type(cls.__name__, (cls,), {"__call__": _fast_call, "_grpo_standard_class": cls,
-                                           "__module__": cls.__module__})
+        fast = type(
+            cls.__name__, (cls,), {"__call__": _fast_call, "_grpo_standard_class": cls, "__module__": cls.__module__}
+        )
         _FAST_CLASSES[cls] = fast
     return _FAST_CLASSES[cls]
 
@@ -92,8 +93,9 @@ def _fast_class(cls: type) -> type:
 def _candidates(model: nn.Module):
     """MLP modules with gate_proj, up_proj and down_proj (dense SwiGLU shape)."""
     for _, module in model.named_modules():
-        if all(isinstance(getattr(module, k, None), nn.Module) for k in ("gate_proj", "up_proj", "down_proj")) \
-                and not hasattr(type(module), "_grpo_standard_class"):
+        if all(
+            isinstance(getattr(module, k, None), nn.Module) for k in ("gate_proj", "up_proj", "down_proj")
+        ) and not hasattr(type(module), "_grpo_standard_class"):
             yield module
 
 

@@ -21,6 +21,7 @@ import fnmatch
 import json
 import re
 from pathlib import Path
+
 from grpo_mlx.errors import UserError
 
 ROLES = ("system", "user", "assistant")
@@ -46,8 +47,10 @@ def read_jsonl(path: Path) -> list[tuple[str, dict]]:
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as error:
-            raise DataError(f"{where}: not valid UTF-8 (byte 0x{raw[error.start]:02x} "
-                            f"at column {error.start + 1}); save the file as UTF-8") from None
+            raise DataError(
+                f"{where}: not valid UTF-8 (byte 0x{raw[error.start]:02x} "
+                f"at column {error.start + 1}); save the file as UTF-8"
+            ) from None
         if not line.strip():
             continue  # a blank line (often the last one) is layout, not data
         try:
@@ -66,8 +69,7 @@ def read_rows(path: Path) -> list[tuple[str, dict]]:
         require_pyarrow(path)
         import pyarrow.parquet as pq
 
-        return [(f"{path}:row {i}", row)
-                for i, row in enumerate(pq.read_table(path).to_pylist(), start=1)]
+        return [(f"{path}:row {i}", row) for i, row in enumerate(pq.read_table(path).to_pylist(), start=1)]
     if path.suffix == ".json":
         try:
             whole = json.loads(path.read_text(encoding="utf-8"))
@@ -97,18 +99,24 @@ def check_prompt(prompt, where: str, key: str) -> None:
             raise DataError(f"{where}: key '{key}' is an empty string")
         return
     if not isinstance(prompt, list) or not prompt:
-        raise DataError(f"{where}: key '{key}' must be a non-empty string or a list of chat "
-                        f"messages {{\"role\", \"content\"}}, got {type(prompt).__name__}")
+        raise DataError(
+            f"{where}: key '{key}' must be a non-empty string or a list of chat "
+            f'messages {{"role", "content"}}, got {type(prompt).__name__}'
+        )
     for i, message in enumerate(prompt):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise DataError(f"{where}: key '{key}' message {i} must be an object with "
-                            f"'role' and 'content', got {json.dumps(message)[:80]}")
+            raise DataError(
+                f"{where}: key '{key}' message {i} must be an object with "
+                f"'role' and 'content', got {json.dumps(message)[:80]}"
+            )
         if message["role"] not in ROLES:
-            raise DataError(f"{where}: key '{key}' message {i} has role {message['role']!r}; "
-                            f"expected one of {', '.join(ROLES)}")
+            raise DataError(
+                f"{where}: key '{key}' message {i} has role {message['role']!r}; expected one of {', '.join(ROLES)}"
+            )
         if not isinstance(message["content"], str):
-            raise DataError(f"{where}: key '{key}' message {i} content must be a string, "
-                            f"got {type(message['content']).__name__}")
+            raise DataError(
+                f"{where}: key '{key}' message {i} content must be a string, got {type(message['content']).__name__}"
+            )
 
 
 def to_examples(rows: list[tuple[str, dict]], prompt_key: str, answer_key: str) -> list[dict]:
@@ -117,23 +125,26 @@ def to_examples(rows: list[tuple[str, dict]], prompt_key: str, answer_key: str) 
     has_answer = any(answer_key in row for _, row in rows)
     if rows and not has_answer and answer_key != "answer":
         # A column the user named explicitly is never optional: its absence is a typo.
-        raise DataError(f"{rows[0][0]}: missing key '{answer_key}' (no row has it; keys "
-                        f"present: {', '.join(rows[0][1]) or 'none'}); {hint}")
+        raise DataError(
+            f"{rows[0][0]}: missing key '{answer_key}' (no row has it; keys "
+            f"present: {', '.join(rows[0][1]) or 'none'}); {hint}"
+        )
     examples = []
     for where, row in rows:
         if prompt_key not in row:
-            raise DataError(f"{where}: missing key '{prompt_key}' "
-                            f"(keys present: {', '.join(row) or 'none'}); {hint}")
+            raise DataError(f"{where}: missing key '{prompt_key}' (keys present: {', '.join(row) or 'none'}); {hint}")
         if has_answer and answer_key not in row:
-            raise DataError(f"{where}: missing key '{answer_key}' (other rows have it; "
-                            f"keys present: {', '.join(row)}); {hint}")
+            raise DataError(
+                f"{where}: missing key '{answer_key}' (other rows have it; keys present: {', '.join(row)}); {hint}"
+            )
         check_prompt(row[prompt_key], where, prompt_key)
         example = dict(row)
         for key, target in ((prompt_key, "prompt"), (answer_key, "answer")):
             if key != target and key in example:
                 if target in example:  # renaming would silently drop the row's own column
-                    raise DataError(f"{where}: has both '{key}' and '{target}'; "
-                                    f"'{key}' cannot be mapped onto '{target}'")
+                    raise DataError(
+                        f"{where}: has both '{key}' and '{target}'; '{key}' cannot be mapped onto '{target}'"
+                    )
                 example[target] = example.pop(key)
         example.setdefault("answer", None)
         examples.append(example)
@@ -143,8 +154,9 @@ def to_examples(rows: list[tuple[str, dict]], prompt_key: str, answer_key: str) 
 # ---------------------------------------------------------------- splits
 
 
-def load_split(data: str, split: str, *, prompt_key: str = "prompt", answer_key: str = "answer",
-               required: bool = True) -> list[dict]:
+def load_split(
+    data: str, split: str, *, prompt_key: str = "prompt", answer_key: str = "answer", required: bool = True
+) -> list[dict]:
     """Examples of one split (train / valid / test) from a directory, a .jsonl file or the Hub.
 
     Returns [] for an absent split when not required."""
@@ -159,12 +171,13 @@ def load_split(data: str, split: str, *, prompt_key: str = "prompt", answer_key:
     elif path.is_file():
         if split != "train":  # one file is the training data, never silently also the test set
             if required:
-                raise DataError(f"{path}: a single file is the train split only; for a {split} "
-                                f"split pass a directory with {split}.jsonl")
+                raise DataError(
+                    f"{path}: a single file is the train split only; for a {split} "
+                    f"split pass a directory with {split}.jsonl"
+                )
             return []
     elif HUB_ID.match(data) and path.suffix not in (".jsonl", ".json", ".parquet"):
-        return load_hub_dataset(data, split, prompt_key=prompt_key, answer_key=answer_key,
-                                required=required)
+        return load_hub_dataset(data, split, prompt_key=prompt_key, answer_key=answer_key, required=required)
     else:
         raise DataError(f"{data}: no such file or directory (nor a Hub dataset id owner/name)")
     examples = to_examples(read_rows(path), prompt_key, answer_key)
@@ -194,29 +207,34 @@ def pick_split_files(filenames: list[str], split: str) -> list[str]:
         if len(parts) == 2 and fnmatch.fnmatch(parts[1], f"{split}-*.parquet"):
             by_config.setdefault(parts[0], []).append(f)
     if len(by_config) > 1 and "default" not in by_config:
-        raise DataError(f"the {split} split exists in several configs ({', '.join(by_config)}); "
-                        f"download one and pass its files as a local --data directory")
+        raise DataError(
+            f"the {split} split exists in several configs ({', '.join(by_config)}); "
+            f"download one and pass its files as a local --data directory"
+        )
     return by_config.get("default") or next(iter(by_config.values()), [])
 
 
-def load_hub_dataset(repo_id: str, split: str, *, prompt_key: str = "prompt",
-                     answer_key: str = "answer", required: bool = True) -> list[dict]:
+def load_hub_dataset(
+    repo_id: str, split: str, *, prompt_key: str = "prompt", answer_key: str = "answer", required: bool = True
+) -> list[dict]:
     """Examples of one split of a Hugging Face Hub dataset (downloaded into the HF cache)."""
     import huggingface_hub
 
-    hint = ("offline? Set HF_HUB_OFFLINE=1 to use the cache only, or pass a local --data "
-            "directory; private? run `hf auth login`")
+    hint = (
+        "offline? Set HF_HUB_OFFLINE=1 to use the cache only, or pass a local --data "
+        "directory; private? run `hf auth login`"
+    )
     try:
         filenames = huggingface_hub.HfApi().list_repo_files(repo_id, repo_type="dataset")
     except Exception as error:
         # Listing needs the network; a dataset downloaded before still loads from the cache.
         try:
-            cached = Path(huggingface_hub.snapshot_download(
-                repo_id, repo_type="dataset", local_files_only=True))
+            cached = Path(huggingface_hub.snapshot_download(repo_id, repo_type="dataset", local_files_only=True))
             filenames = [p.relative_to(cached).as_posix() for p in cached.rglob("*") if p.is_file()]
         except Exception:
-            raise DataError(f"Hub dataset '{repo_id}' (no local path of that name either): "
-                            f"{type(error).__name__}: {error}; {hint}") from None
+            raise DataError(
+                f"Hub dataset '{repo_id}' (no local path of that name either): {type(error).__name__}: {error}; {hint}"
+            ) from None
     files: list[str] = []
     for name in HUB_SPLIT_NAMES.get(split, [split]):
         files = pick_split_files(filenames, name)
@@ -226,9 +244,11 @@ def load_hub_dataset(repo_id: str, split: str, *, prompt_key: str = "prompt",
         if not required:
             return []
         shown = ", ".join(sorted(filenames)[:20]) + (" ..." if len(filenames) > 20 else "")
-        raise DataError(f"Hub dataset '{repo_id}': no files for the {split} split "
-                        f"(looked for {split}.jsonl, data/{split}-*.jsonl, {split}.json, "
-                        f"parquet); the repo has: {shown}")
+        raise DataError(
+            f"Hub dataset '{repo_id}': no files for the {split} split "
+            f"(looked for {split}.jsonl, data/{split}-*.jsonl, {split}.json, "
+            f"parquet); the repo has: {shown}"
+        )
     if any(f.endswith(".parquet") for f in files):
         require_pyarrow(f"{repo_id}/{files[0]}")  # before downloading gigabytes we cannot read
     rows = []
@@ -236,8 +256,9 @@ def load_hub_dataset(repo_id: str, split: str, *, prompt_key: str = "prompt",
         try:
             local = huggingface_hub.hf_hub_download(repo_id, filename, repo_type="dataset")
         except Exception as error:
-            raise DataError(f"Hub dataset '{repo_id}': downloading {filename} failed: "
-                            f"{type(error).__name__}: {error}; {hint}") from None
+            raise DataError(
+                f"Hub dataset '{repo_id}': downloading {filename} failed: {type(error).__name__}: {error}; {hint}"
+            ) from None
         rows += read_rows(Path(local))
     examples = to_examples(rows, prompt_key, answer_key)
     if not examples and required:
@@ -250,8 +271,7 @@ def load_hub_dataset(repo_id: str, split: str, *, prompt_key: str = "prompt",
 
 def has_chat_template(tokenizer) -> bool:
     # mlx-lm's TokenizerWrapper knows of templates the HF tokenizer lacks (custom renderers).
-    return bool(getattr(tokenizer, "has_chat_template", False)
-                or getattr(tokenizer, "chat_template", None))
+    return bool(getattr(tokenizer, "has_chat_template", False) or getattr(tokenizer, "chat_template", None))
 
 
 def format_prompt(tokenizer, prompt, system_prompt: str | None = None) -> str:
@@ -266,8 +286,7 @@ def format_prompt(tokenizer, prompt, system_prompt: str | None = None) -> str:
         messages = [{"role": "system", "content": system_prompt}] + messages
     if has_chat_template(tokenizer):
         try:
-            return tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                 tokenize=False)
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception:
             # Some templates (e.g. Gemma 2) reject the system role: fold it into the first
             # user turn, which is what those models' authors recommend.
@@ -275,8 +294,7 @@ def format_prompt(tokenizer, prompt, system_prompt: str | None = None) -> str:
                 raise
             system, first, *rest = messages
             merged = {**first, "content": system["content"] + "\n\n" + first["content"]}
-            return tokenizer.apply_chat_template([merged, *rest], add_generation_prompt=True,
-                                                 tokenize=False)
+            return tokenizer.apply_chat_template([merged, *rest], add_generation_prompt=True, tokenize=False)
     system = "\n".join(m["content"] for m in messages if m["role"] == "system")
     body = "\n".join(m["content"] for m in messages if m["role"] != "system")
     return f"{system}\n\n{body}" if system else body
@@ -290,23 +308,25 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     ids = list(tokenizer.encode(text, add_special_tokens=add_special))
     eos = getattr(tokenizer, "eos_token", None)
     eos_id = getattr(tokenizer, "eos_token_id", None)
-    if add_special and ids and eos_id is not None and ids[-1] == eos_id and not (
-            eos and text.endswith(eos)):
+    if add_special and ids and eos_id is not None and ids[-1] == eos_id and not (eos and text.endswith(eos)):
         ids.pop()  # tokenizers that append EOS would end the prompt before the answer starts
     return ids
 
 
-def prepare_examples(examples: list[dict], tokenizer, system_prompt: str | None = None,
-                     max_prompt_length: int | None = None) -> list[dict]:
+def prepare_examples(
+    examples: list[dict], tokenizer, system_prompt: str | None = None, max_prompt_length: int | None = None
+) -> list[dict]:
     """New examples with `prompt_text` and `prompt_ids` added."""
     prepared = []
     for index, example in enumerate(examples):
         text = format_prompt(tokenizer, example["prompt"], system_prompt)
         ids = encode_prompt(tokenizer, text)
         if max_prompt_length is not None and len(ids) > max_prompt_length:
-            raise DataError(f"example {index} (0-based): prompt is {len(ids)} tokens, over "
-                            f"max_prompt_length {max_prompt_length}; shorten it or raise "
-                            f"--max-prompt-length (prompts are never truncated): "
-                            f"{text[:60]!r}...")
+            raise DataError(
+                f"example {index} (0-based): prompt is {len(ids)} tokens, over "
+                f"max_prompt_length {max_prompt_length}; shorten it or raise "
+                f"--max-prompt-length (prompts are never truncated): "
+                f"{text[:60]!r}..."
+            )
         prepared.append({**example, "prompt_text": text, "prompt_ids": ids})
     return prepared

@@ -84,8 +84,9 @@ def score_samples(texts: list[list[str]], lengths: list[list[int]], references: 
         out[f"pass@{k}"] = _mean([pass_at_k(n, sum(r), k) for r in right])
     for k in ks:
         if k > 1:
-            out[f"maj@{k}"] = _mean([rewards.answers_match(majority_answer(row[:k]), ref)
-                                     for row, ref in zip(answers, references)])
+            out[f"maj@{k}"] = _mean(
+                [rewards.answers_match(majority_answer(row[:k]), ref) for row, ref in zip(answers, references)]
+            )
     out["format"] = _mean([v == 1.0 for v in formatted])
     out["mean_length"] = _mean([x for row in lengths for x in row])
     out["answered"] = _mean([a is not None for row in answers for a in row])
@@ -104,20 +105,49 @@ def _mean(values) -> float:
 # ------------------------------------------------------------------ sampling (MLX)
 
 
-def rollouts(model, tokenizer, examples: list[dict], n: int, max_tokens: int, temperature: float,
-             top_p: float = 1.0, stop=(), batch_size: int = 16):
+def rollouts(
+    model,
+    tokenizer,
+    examples: list[dict],
+    n: int,
+    max_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    stop=(),
+    batch_size: int = 16,
+):
     """(chunk of examples, Rollout of n completions each), batch_size prepared examples a call."""
     from grpo_mlx.sampler import generate_groups
 
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        yield chunk, generate_groups(model, tokenizer, [ex["prompt_ids"] for ex in chunk], n, max_tokens,
-                                     temperature=temperature, top_p=top_p, stop=list(stop))
+        yield (
+            chunk,
+            generate_groups(
+                model,
+                tokenizer,
+                [ex["prompt_ids"] for ex in chunk],
+                n,
+                max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                stop=list(stop),
+            ),
+        )
 
 
-def sample_completions(model, tokenizer, examples: list[dict], n: int, max_tokens: int,
-                       temperature: float, top_p: float = 1.0, stop=(), batch_size: int = 16,
-                       seed: int = 0) -> tuple[list[list[str]], list[list[int]]]:
+def sample_completions(
+    model,
+    tokenizer,
+    examples: list[dict],
+    n: int,
+    max_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    stop=(),
+    batch_size: int = 16,
+    seed: int = 0,
+) -> tuple[list[list[str]], list[list[int]]]:
     """n completions of each prepared example (with `prompt_ids`), batch_size prompts a call."""
     import mlx.core as mx
 
@@ -130,8 +160,9 @@ def sample_completions(model, tokenizer, examples: list[dict], n: int, max_token
     return texts, lengths
 
 
-def held_out(model, tokenizer, examples: list[dict], max_tokens: int, stop=(), score=None,
-             batch_size: int = 64) -> dict:
+def held_out(
+    model, tokenizer, examples: list[dict], max_tokens: int, stop=(), score=None, batch_size: int = 64
+) -> dict:
     """The held-out figures a training run reports, from one greedy completion per prompt:
     `accuracy` (pass@1 over the prompts that have an answer), `format`, `mean_length` and, with
     `score(chunk, rollout) -> RewardResult`, `mean_reward` (process rewards at their mean)."""
@@ -158,14 +189,24 @@ def held_out(model, tokenizer, examples: list[dict], max_tokens: int, stop=(), s
     return out
 
 
-def evaluate(model, tokenizer, examples: list[dict], ks=DEFAULT_KS, temperature: float = 0.0,
-             max_tokens: int = 256, top_p: float = 1.0, stop=(), batch_size: int = 16,
-             seed: int = 0) -> dict:
+def evaluate(
+    model,
+    tokenizer,
+    examples: list[dict],
+    ks=DEFAULT_KS,
+    temperature: float = 0.0,
+    max_tokens: int = 256,
+    top_p: float = 1.0,
+    stop=(),
+    batch_size: int = 16,
+    seed: int = 0,
+) -> dict:
     """Metrics of `model` on prepared examples; with temperature 0 only k = 1 (greedy)."""
     ks = [1] if temperature == 0 else sorted(set(ks))
     model.eval()
-    texts, lengths = sample_completions(model, tokenizer, examples, max(ks), max_tokens, temperature,
-                                        top_p, stop, batch_size, seed)
+    texts, lengths = sample_completions(
+        model, tokenizer, examples, max(ks), max_tokens, temperature, top_p, stop, batch_size, seed
+    )
     return score_samples(texts, lengths, [ex.get("answer") for ex in examples], ks)
 
 
@@ -217,8 +258,10 @@ def format_table(results: dict) -> str:
             row.append(f"{delta:+.1f}" if is_length else f"{100 * delta:+.1f} pts")
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
-             for r in rows]
+    lines = [
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+        for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -236,31 +279,61 @@ def parse_ks(text: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="Model directory or Hugging Face repo id. Default: the adapters' "
-                        "base model (adapter_config.json), else the embedded demo model.")
-    parser.add_argument("--adapter-path", help="Adapters to evaluate beside the base model (a run directory "
-                        "or a checkpoint in it). Without it only the model itself is scored.")
-    parser.add_argument("--data", help="Directory with <split>.jsonl, or a Hugging Face dataset id. "
-                        "Default: the run's data, else the demo task.")
+    parser.add_argument(
+        "--model",
+        help="Model directory or Hugging Face repo id. Default: the adapters' "
+        "base model (adapter_config.json), else the embedded demo model.",
+    )
+    parser.add_argument(
+        "--adapter-path",
+        help="Adapters to evaluate beside the base model (a run directory "
+        "or a checkpoint in it). Without it only the model itself is scored.",
+    )
+    parser.add_argument(
+        "--data",
+        help="Directory with <split>.jsonl, or a Hugging Face dataset id. Default: the run's data, else the demo task.",
+    )
     parser.add_argument("--split", default="test", help="Split to score. [default: test]")
-    parser.add_argument("-k", "--k", type=parse_ks, default=list(DEFAULT_KS), metavar="K,K,...",
-                        help="pass@k and maj@k for these k; max(k) samples are drawn per prompt. [default: 1,4,16]")
-    parser.add_argument("--temperature", type=float, default=None, metavar="X",
-                        help=f"Sampling temperature; 0 is greedy (k = 1 only). Default: {DEFAULT_SAMPLING_TEMPERATURE} "
-                        "when max(k) > 1, else 0.")
+    parser.add_argument(
+        "-k",
+        "--k",
+        type=parse_ks,
+        default=list(DEFAULT_KS),
+        metavar="K,K,...",
+        help="pass@k and maj@k for these k; max(k) samples are drawn per prompt. [default: 1,4,16]",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        metavar="X",
+        help=f"Sampling temperature; 0 is greedy (k = 1 only). Default: {DEFAULT_SAMPLING_TEMPERATURE} "
+        "when max(k) > 1, else 0.",
+    )
     parser.add_argument("--top-p", type=float, default=1.0, metavar="X", help="Nucleus sampling (1 = off).")
-    parser.add_argument("--max-completion-length", type=int, default=None, metavar="N",
-                        help="Tokens per completion. Default: the run's, else 8 for the demo and 256 otherwise.")
+    parser.add_argument(
+        "--max-completion-length",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Tokens per completion. Default: the run's, else 8 for the demo and 256 otherwise.",
+    )
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="Score only the first N prompts.")
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="Random seed for sampling. [default: 0]")
-    parser.add_argument("--batch-size", type=int, default=16, metavar="N",
-                        help="Prompts sampled together (each with max(k) completions). [default: 16]")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        metavar="N",
+        help="Prompts sampled together (each with max(k) completions). [default: 16]",
+    )
     parser.add_argument("--system-prompt", default=None, help="System prompt. Default: the run's.")
     parser.add_argument("--stop", nargs="+", default=None, metavar="TEXT", help="Stop strings. Default: the run's.")
     parser.add_argument("--prompt-key", default=None, help="Prompt column. Default: the run's, else prompt.")
     parser.add_argument("--answer-key", default=None, help="Answer column. Default: the run's, else answer.")
-    parser.add_argument("--json", metavar="PATH", help="Also write the results as JSON to PATH (- for stdout, "
-                        "instead of the table).")
+    parser.add_argument(
+        "--json", metavar="PATH", help="Also write the results as JSON to PATH (- for stdout, instead of the table)."
+    )
     parser.add_argument("--debug", action="store_true", help="Show Python tracebacks on errors.")
 
 
@@ -299,24 +372,39 @@ def resolve_settings(args: argparse.Namespace) -> dict:
     demo = os.path.abspath(model) == os.path.abspath(DEMO_MODEL)
     data = args.data or saved.get("data") or (DEMO_DATA if demo else None)
     if data is None:
-        raise ConfigError("--data is required for a model other than the demo (a directory with "
-                          f"{args.split}.jsonl, or a Hugging Face dataset id)")
-    length = args.max_completion_length or saved.get("max_completion_length") or (
-        DEMO_DEFAULTS["max_completion_length"] if demo else 256)
+        raise ConfigError(
+            "--data is required for a model other than the demo (a directory with "
+            f"{args.split}.jsonl, or a Hugging Face dataset id)"
+        )
+    length = (
+        args.max_completion_length
+        or saved.get("max_completion_length")
+        or (DEMO_DEFAULTS["max_completion_length"] if demo else 256)
+    )
     temperature = args.temperature
     if temperature is None:
         temperature = DEFAULT_SAMPLING_TEMPERATURE if max(args.k) > 1 else 0.0
     if temperature < 0 or not 0 < args.top_p <= 1 or args.batch_size < 1 or length < 1:
-        raise ConfigError("need --temperature >= 0, 0 < --top-p <= 1, --batch-size >= 1 and "
-                          "--max-completion-length >= 1")
-    return dict(model=model, adapter_path=args.adapter_path, data=data, split=args.split,
-                k=[1] if temperature == 0 else args.k, temperature=temperature, top_p=args.top_p,
-                max_completion_length=int(length), limit=args.limit, seed=args.seed,
-                batch_size=args.batch_size,
-                system_prompt=args.system_prompt if args.system_prompt is not None else saved.get("system_prompt"),
-                stop=args.stop if args.stop is not None else saved.get("stop") or [],
-                prompt_key=args.prompt_key or saved.get("prompt_key") or "prompt",
-                answer_key=args.answer_key or saved.get("answer_key") or "answer")
+        raise ConfigError(
+            "need --temperature >= 0, 0 < --top-p <= 1, --batch-size >= 1 and --max-completion-length >= 1"
+        )
+    return dict(
+        model=model,
+        adapter_path=args.adapter_path,
+        data=data,
+        split=args.split,
+        k=[1] if temperature == 0 else args.k,
+        temperature=temperature,
+        top_p=args.top_p,
+        max_completion_length=int(length),
+        limit=args.limit,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        system_prompt=args.system_prompt if args.system_prompt is not None else saved.get("system_prompt"),
+        stop=args.stop if args.stop is not None else saved.get("stop") or [],
+        prompt_key=args.prompt_key or saved.get("prompt_key") or "prompt",
+        answer_key=args.answer_key or saved.get("answer_key") or "answer",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -326,13 +414,16 @@ def run(args: argparse.Namespace) -> int:
     use_system_blas()
     from grpo_mlx import data
 
-    examples = data.load_split(settings["data"], settings["split"], prompt_key=settings["prompt_key"],
-                               answer_key=settings["answer_key"])
+    examples = data.load_split(
+        settings["data"], settings["split"], prompt_key=settings["prompt_key"], answer_key=settings["answer_key"]
+    )
     scored = [ex for ex in examples if has_answer(ex.get("answer"))]
     skipped = len(examples) - len(scored)
     if not scored:
-        raise data.DataError(f"{settings['data']} ({settings['split']}): no example has an answer "
-                             f"(column {settings['answer_key']!r}); eval scores answers")
+        raise data.DataError(
+            f"{settings['data']} ({settings['split']}): no example has an answer "
+            f"(column {settings['answer_key']!r}); eval scores answers"
+        )
     if settings["limit"]:
         scored = scored[: settings["limit"]]
     model, tokenizer = load_for_eval(settings["model"], settings["adapter_path"])
@@ -340,16 +431,33 @@ def run(args: argparse.Namespace) -> int:
     n = max(settings["k"])
     decoding = "greedy" if settings["temperature"] == 0 else f"temperature {settings['temperature']}"
     note = "" if settings["temperature"] or args.k == [1] else " (greedy gives one answer per prompt: k = 1 only)"
-    print(f"grpo-mlx eval: {len(prepared)} prompts ({settings['split']} of {settings['data']}), "
-          f"{n} sample{'s' if n > 1 else ''} each, {decoding}, seed {settings['seed']}{note}", file=sys.stderr)
+    print(
+        f"grpo-mlx eval: {len(prepared)} prompts ({settings['split']} of {settings['data']}), "
+        f"{n} sample{'s' if n > 1 else ''} each, {decoding}, seed {settings['seed']}{note}",
+        file=sys.stderr,
+    )
     if skipped:
         print(f"  {skipped} examples without an answer skipped", file=sys.stderr)
-    results = compare(model, tokenizer, prepared, with_adapters=bool(settings["adapter_path"]),
-                      ks=settings["k"], temperature=settings["temperature"],
-                      max_tokens=settings["max_completion_length"], top_p=settings["top_p"],
-                      stop=settings["stop"], batch_size=settings["batch_size"], seed=settings["seed"])
-    report = {**{k: v for k, v in settings.items() if k != "limit"}, "prompts": len(prepared),
-              "samples_per_prompt": n, "skipped_without_answer": skipped, "results": results}
+    results = compare(
+        model,
+        tokenizer,
+        prepared,
+        with_adapters=bool(settings["adapter_path"]),
+        ks=settings["k"],
+        temperature=settings["temperature"],
+        max_tokens=settings["max_completion_length"],
+        top_p=settings["top_p"],
+        stop=settings["stop"],
+        batch_size=settings["batch_size"],
+        seed=settings["seed"],
+    )
+    report = {
+        **{k: v for k, v in settings.items() if k != "limit"},
+        "prompts": len(prepared),
+        "samples_per_prompt": n,
+        "skipped_without_answer": skipped,
+        "results": results,
+    }
     if args.json == "-":
         print(json.dumps(report, indent=2))
         return 0

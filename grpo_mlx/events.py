@@ -15,8 +15,9 @@ import json
 import math
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 Event = dict[str, Any]  # an event's JSON form, as subscribers and the files see it
 
@@ -50,8 +51,11 @@ class _Event:
                 continue
             value, kinds = obj[f.name], _KINDS.get(str(f.type).split(" |")[0])
             optional = "None" in str(f.type)
-            if kinds and not (value is None and optional) and (
-                    not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds):
+            if (
+                kinds
+                and not (value is None and optional)
+                and (not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds)
+            ):
                 raise EventFormatError(f"{cls.type} event: '{f.name}' is {type(value).__name__}, expected {f.type}")
             values[f.name] = value
         return cls(**values)
@@ -174,8 +178,9 @@ class JsonlSink:
 
     def __init__(self, run_dir: str):
         os.makedirs(run_dir, exist_ok=True)
-        self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
-        self.samples = open(os.path.join(run_dir, "samples.jsonl"), "a", encoding="utf-8")
+        # open for the run's whole life (closed by close()), flushed line by line
+        self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
+        self.samples = open(os.path.join(run_dir, "samples.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
 
     def __call__(self, event: Event) -> None:
         kind = event["type"]

@@ -32,15 +32,28 @@ DTYPES = ("float16", "bfloat16", "float32")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="Base model directory or Hugging Face repo id. Default: the "
-                        "model named in the adapters' adapter_config.json.")
-    parser.add_argument("--adapter-path", required=True, help="Adapters: a grpo-mlx run directory (or a "
-                        "checkpoint in it), or any mlx-lm adapter directory.")
+    parser.add_argument(
+        "--model",
+        help="Base model directory or Hugging Face repo id. Default: the "
+        "model named in the adapters' adapter_config.json.",
+    )
+    parser.add_argument(
+        "--adapter-path",
+        required=True,
+        help="Adapters: a grpo-mlx run directory (or a checkpoint in it), or any mlx-lm adapter directory.",
+    )
     parser.add_argument("--save-path", required=True, help="New directory for the fused model.")
-    parser.add_argument("--dequantize", action="store_true", help="Save full-precision weights for a "
-                        "quantized base (default: quantize the fused weights like the base).")
-    parser.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of the saved floating-point "
-                        "weights. Default: the base model's.")
+    parser.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="Save full-precision weights for a quantized base (default: quantize the fused weights like the base).",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="dtype of the saved floating-point weights. Default: the base model's.",
+    )
     parser.add_argument("--debug", action="store_true", help="Show Python tracebacks on errors.")
 
 
@@ -48,8 +61,9 @@ def read_adapter_config(adapter_path: str | os.PathLike) -> dict:
     folder = Path(adapter_path).expanduser()
     for name in ("adapter_config.json", "adapters.safetensors"):
         if not (folder / name).is_file():
-            raise FileNotFoundError(f"--adapter-path {adapter_path}: no {name} there; is it a run "
-                                    "directory (or checkpoints/step_N in one)?")
+            raise FileNotFoundError(
+                f"--adapter-path {adapter_path}: no {name} there; is it a run directory (or checkpoints/step_N in one)?"
+            )
     return json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
 
 
@@ -70,8 +84,9 @@ def fuse_adapters(model, dequantize: bool = False) -> int:
     many were fused."""
     from mlx.utils import tree_unflatten
 
-    fused = [(name, module.fuse(dequantize=dequantize))
-             for name, module in model.named_modules() if hasattr(module, "fuse")]
+    fused = [
+        (name, module.fuse(dequantize=dequantize)) for name, module in model.named_modules() if hasattr(module, "fuse")
+    ]
     if fused:
         model.update_modules(tree_unflatten(fused))
     return len(fused)
@@ -88,16 +103,16 @@ def local_model_dir(model: str) -> Path:
     return hf_repo_to_path(model)
 
 
-def fuse_model(model: str, adapter_path: str, save_path: str, dequantize: bool = False,
-               dtype: str | None = None) -> dict:
+def fuse_model(
+    model: str, adapter_path: str, save_path: str, dequantize: bool = False, dtype: str | None = None
+) -> dict:
     """Load `model`, apply and fuse the adapters at `adapter_path`, save to `save_path`.
     Returns what was done: layers fused, dtype, whether the result is quantized."""
     from grpo_mlx.config import ConfigError
 
     save_path = Path(save_path).expanduser()
     if save_path.exists() and (not save_path.is_dir() or any(save_path.iterdir())):
-        raise ConfigError(f"--save-path {save_path} exists and is not empty; remove it or "
-                          "choose a new directory")
+        raise ConfigError(f"--save-path {save_path} exists and is not empty; remove it or choose a new directory")
     import mlx.core as mx
     from mlx_lm import load
     from mlx_lm.tuner.utils import load_adapters
@@ -135,8 +150,12 @@ def fuse_model(model: str, adapter_path: str, save_path: str, dequantize: bool =
         os.replace(tmp, save_path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"layers_fused": count, "dtype": str(target).replace("mlx.core.", ""),
-            "quantized": "quantization" in config, "save_path": str(save_path)}
+    return {
+        "layers_fused": count,
+        "dtype": str(target).replace("mlx.core.", ""),
+        "quantized": "quantization" in config,
+        "save_path": str(save_path),
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -152,7 +171,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"grpo-mlx fuse: {model} + adapters {args.adapter_path}", file=sys.stderr)
     info = fuse_model(model, args.adapter_path, args.save_path, args.dequantize, args.dtype)
     kind = "quantized" if info["quantized"] else info["dtype"]
-    print(f"fused {info['layers_fused']} adapter layers; {kind} model written to {info['save_path']}\n"
-          f"  try: mlx_lm.generate --model {info['save_path']} --prompt '...'\n"
-          f"       mlx_lm.server --model {info['save_path']} --port 8080", file=sys.stderr)
+    print(
+        f"fused {info['layers_fused']} adapter layers; {kind} model written to {info['save_path']}\n"
+        f"  try: mlx_lm.generate --model {info['save_path']} --prompt '...'\n"
+        f"       mlx_lm.server --model {info['save_path']} --port 8080",
+        file=sys.stderr,
+    )
     return 0

@@ -74,8 +74,9 @@ def lm_head_split(model: nn.Module):
     return body, head
 
 
-def chunked_token_logprobs(head, hidden, targets, temperature: float = 1.0, vocab_size: int = 0,
-                           chunk_bytes: int = LOGPROB_CHUNK_BYTES):
+def chunked_token_logprobs(
+    head, hidden, targets, temperature: float = 1.0, vocab_size: int = 0, chunk_bytes: int = LOGPROB_CHUNK_BYTES
+):
     """token_logprobs_from_logits(head(hidden), targets, temperature) for a linear `head`,
     projecting a chunk of rows at a time.
 
@@ -123,8 +124,9 @@ def chunked_token_logprobs(head, hidden, targets, temperature: float = 1.0, voca
     return logp.reshape(N, T)  # (N, T)
 
 
-def completion_logprobs(model, tokens, prompt_lens, completion_len: int, temperature: float = 1.0,
-                        chunk_bytes: int = LOGPROB_CHUNK_BYTES):
+def completion_logprobs(
+    model, tokens, prompt_lens, completion_len: int, temperature: float = 1.0, chunk_bytes: int = LOGPROB_CHUNK_BYTES
+):
     """Teacher-forced log-probabilities of the completion tokens at logits / temperature.
 
     tokens: (N, L) int, each row [prompt | completion | padding] (right-padded, so positions

@@ -19,7 +19,6 @@ from grpo_mlx import metric_names as M
 from grpo_mlx.config import IMPORTANCE_LEVELS, KL_ESTIMATORS, LOSS_TYPES
 
 
-
 def masked_mean(x, mask, axis=None):
     """Mean of `x` over the positions where `mask` is set; empty slices give 0, not NaN."""
     x, mask = mx.broadcast_arrays(x, mask.astype(mx.float32))  # common shape, e.g. (N, T)

@@ -48,9 +48,9 @@ def on_cpu() -> bool:
 
 
 def prepare_for_cpu(model: nn.Module) -> None:
-    """On the CPU device: float32 weights (the CPU backend has a fast BLAS path only for
-    float32; bf16/fp16 matmuls there run at about 4 GFLOP/s) and the arithmetic SwiGLU of grpo_mlx.cpu_kernels (MLX's CPU
-    exp is slow). Nothing on a GPU."""
+    """On the CPU device: float32 weights (the CPU backend has a fast BLAS path only for float32;
+    bf16/fp16 matmuls there run at about 4 GFLOP/s) and the arithmetic SwiGLU of
+    grpo_mlx.cpu_kernels (MLX's CPU exp is slow). Nothing on a GPU."""
     if on_cpu():
         from grpo_mlx import cpu_kernels
 

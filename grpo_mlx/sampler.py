@@ -63,9 +63,15 @@ class Rollout:
 
     def select(self, rows: slice, prompt_tokens: int) -> Rollout:
         """The completions in `rows` (one group: `prompt_tokens` is its prompt's length)."""
-        return Rollout(self.tokens[rows], self.logprobs[rows], self.lengths[rows], self.finish_reasons[rows],
-                       self.texts[rows], prompt_tokens,
-                       entropy=None if self.entropy is None else self.entropy[rows])
+        return Rollout(
+            self.tokens[rows],
+            self.logprobs[rows],
+            self.lengths[rows],
+            self.finish_reasons[rows],
+            self.texts[rows],
+            prompt_tokens,
+            entropy=None if self.entropy is None else self.entropy[rows],
+        )
 
     @staticmethod
     def concat(parts: list[Rollout]) -> Rollout:
@@ -82,7 +88,9 @@ class Rollout:
             [r for p in parts for r in p.finish_reasons],
             [s for p in parts for s in p.texts],
             sum(p.prompt_tokens for p in parts),
-            entropy=None if any(p.entropy is None for p in parts) else np.concatenate([pad(p.entropy, 0.0) for p in parts]),
+            entropy=None
+            if any(p.entropy is None for p in parts)
+            else np.concatenate([pad(p.entropy, 0.0) for p in parts]),
         )
 
 
@@ -137,8 +145,14 @@ def _is_filtered(temperature, top_p, top_k, min_p) -> bool:
     return temperature > 0 and (top_p < 1.0 or top_k > 0 or min_p > 0.0)
 
 
-def make_device_picker(temperature: float, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
-                       keyed: bool = False, compiled: bool = True):
+def make_device_picker(
+    temperature: float,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    keyed: bool = False,
+    compiled: bool = True,
+):
     """A compiled function logits (n, V) -> (token (n,), log-probability (n,), entropy (n,)) on
     MLX arrays. temperature 0 is greedy (log-probabilities then of the untempered distribution).
     keyed: the function takes a second argument u (n, 1), the uniform numbers to sample with.
@@ -265,8 +279,9 @@ def generate_groups(
     entropy = np.zeros((n, max_tokens), dtype=np.float32)  # (N, T)
     uniforms = None  # (N, T) per-prompt keyed random numbers, when seeds are given
     if seeds is not None and temperature > 0:
-        uniforms = np.concatenate([np.asarray(mx.random.uniform(shape=(group_size, max_tokens), key=mx.random.key(int(s))))
-                                   for s in seeds])
+        uniforms = np.concatenate(
+            [np.asarray(mx.random.uniform(shape=(group_size, max_tokens), key=mx.random.key(int(s)))) for s in seeds]
+        )
     end = np.full(n, max_tokens + 1)  # (N,) tokens in each ended completion; T+1 while running
     rows = np.arange(n)  # (n,) the original row of each row of the batch
     y = mx.array([p[-1] for p in prompts for _ in range(group_size)], dtype=mx.int32)  # (n,)
@@ -289,8 +304,11 @@ def generate_groups(
         logits = model(y[:, None], cache=cache)[:, -1, :]  # (n, V)
         steps += 1
         if host_sampling is None:
-            host_sampling = (mx.default_device() == mx.cpu and logits.shape[-1] >= HOST_SAMPLING_MIN_VOCAB
-                             and not _is_filtered(temperature, top_p, top_k, min_p))
+            host_sampling = (
+                mx.default_device() == mx.cpu
+                and logits.shape[-1] >= HOST_SAMPLING_MIN_VOCAB
+                and not _is_filtered(temperature, top_p, top_k, min_p)
+            )
         u = None if uniforms is None else uniforms[rows, t]  # (n,)
         if host_sampling:
             tok, lp, ent = host_pick(logits, temperature, u)

@@ -17,6 +17,7 @@ attacker with kernel exploits: a guard against the accidents and tricks of gener
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -30,9 +31,25 @@ CLONE_NEWNET = 0x40000000
 NOBODY = 65534
 BLOCKED_EXIT = 99
 BLOCKED_EVENTS = {
-    "os.system", "os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "os.kill", "os.killpg",
-    "subprocess.Popen", "socket.connect", "socket.bind", "socket.sendto", "pty.spawn", "os.chmod", "os.chown",
-    "shutil.rmtree", "os.remove", "os.rename", "os.rmdir",
+    "os.system",
+    "os.fork",
+    "os.forkpty",
+    "os.exec",
+    "os.posix_spawn",
+    "os.spawn",
+    "os.kill",
+    "os.killpg",
+    "subprocess.Popen",
+    "socket.connect",
+    "socket.bind",
+    "socket.sendto",
+    "pty.spawn",
+    "os.chmod",
+    "os.chown",
+    "shutil.rmtree",
+    "os.remove",
+    "os.rename",
+    "os.rmdir",
 }
 # Runs first in the child: install the hook, then run the solution as __main__.
 GUARD = f"""
@@ -94,8 +111,10 @@ def interpreter(drop_privileges: bool) -> str:
     for candidate in ("/usr/bin/python3", "/usr/local/bin/python3"):
         if os.path.exists(candidate) and _others_can_run(candidate):
             return candidate
-    raise RuntimeError("no Python interpreter that the unprivileged user 'nobody' can run; "
-                       "install python3 system-wide or run grpo-mlx as a normal user")
+    raise RuntimeError(
+        "no Python interpreter that the unprivileged user 'nobody' can run; "
+        "install python3 system-wide or run grpo-mlx as a normal user"
+    )
 
 
 def _drop_privileges() -> bool:
@@ -116,24 +135,22 @@ def _limit(cpu_seconds: int, memory_mb: int, max_processes: int):
         if sys.platform.startswith("linux"):
             limits.append((resource.RLIMIT_AS, memory_mb * 2**20))
         for kind, value in limits:
-            try:
+            with contextlib.suppress(ValueError, OSError):
                 resource.setrlimit(kind, (value, value))
-            except (ValueError, OSError):
-                pass
         if _drop_privileges():
             ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWNET)  # no network; best effort
             os.setgroups([])
             os.setgid(NOBODY)
             os.setuid(NOBODY)
-        try:
+        with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NPROC, (max_processes, max_processes))
-        except (ValueError, OSError):
-            pass
 
     return apply
 
 
-def run_python(code: str, tests: str = "", timeout: float = 5.0, memory_mb: int = 512, max_processes: int = 16) -> RunResult:
+def run_python(
+    code: str, tests: str = "", timeout: float = 5.0, memory_mb: int = 512, max_processes: int = 16
+) -> RunResult:
     """Run `code` followed by `tests` (e.g. asserts); passed means exit status 0 in time."""
     with tempfile.TemporaryDirectory(prefix="grpo-mlx-sandbox-") as work:
         os.chmod(work, 0o777)  # writable for `nobody` too
@@ -145,8 +162,12 @@ def run_python(code: str, tests: str = "", timeout: float = 5.0, memory_mb: int 
             f.write(GUARD)
         env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}
         proc = subprocess.Popen(
-            [interpreter(_drop_privileges()), "-I", "-B", guard, script], cwd=work, env=env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            [interpreter(_drop_privileges()), "-I", "-B", guard, script],
+            cwd=work,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             preexec_fn=_limit(int(timeout) + 1, memory_mb, max_processes),
         )
         try:
@@ -155,10 +176,8 @@ def run_python(code: str, tests: str = "", timeout: float = 5.0, memory_mb: int 
         except subprocess.TimeoutExpired:
             out, reason = b"", "timeout"
         finally:
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)  # the child and anything it forked
-            except (ProcessLookupError, PermissionError):
-                pass
             proc.wait()
         return RunResult(reason == "passed", reason, out.decode("utf-8", "replace")[-2000:])
 

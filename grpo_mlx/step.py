@@ -119,8 +119,12 @@ def collect_groups(
         n_sampled += len(chosen)
         n_zero_std += int(zero_std.sum())
         drawn = [
-            Group(ex, rollout.select(slice(b * G, (b + 1) * G), len(ex["prompt_ids"])),
-                  scored.select(slice(b * G, (b + 1) * G)), bool(zero_std[b]))
+            Group(
+                ex,
+                rollout.select(slice(b * G, (b + 1) * G), len(ex["prompt_ids"])),
+                scored.select(slice(b * G, (b + 1) * G)),
+                bool(zero_std[b]),
+            )
             for b, ex in enumerate(chosen)
         ]
         kept += [g for g in drawn if not (dynamic_sampling and g.zero_std)]
@@ -142,7 +146,8 @@ def reference_logprobs(model: nn.Module, reference: Callable, batch: Batch, temp
     try:
         with reference():  # the graph is built inside: adapter scales are read when it is built
             ref_logp = mx.stop_gradient(
-                completion_logprobs(model, batch.tokens, batch.prompt_lens, batch.mask.shape[1], temperature))  # (N, T)
+                completion_logprobs(model, batch.tokens, batch.prompt_lens, batch.mask.shape[1], temperature)
+            )  # (N, T)
         mx.eval(ref_logp)
     finally:
         model.train()
@@ -193,8 +198,19 @@ class Update:
     skipped: bool = False  # a non-finite loss or gradient norm: nothing more was applied
 
 
-def update_policy(model, optimizer, loss_and_grad, batch: Batch, advantages, ref_logp, *,
-                  num_iterations: int, micro_batches: int, max_grad_norm: float, world: World) -> Update:
+def update_policy(
+    model,
+    optimizer,
+    loss_and_grad,
+    batch: Batch,
+    advantages,
+    ref_logp,
+    *,
+    num_iterations: int,
+    micro_batches: int,
+    max_grad_norm: float,
+    world: World,
+) -> Update:
     """μ = num_iterations optimizer updates on the batch; each accumulates the gradients of
     `micro_batches` slices. The first pass's log-probabilities are the "old" policy of the later
     ones. A non-finite update is never applied (every rank takes the same decision)."""
@@ -209,8 +225,13 @@ def update_policy(model, optimizer, loss_and_grad, batch: Batch, advantages, ref
         acc = None
         for j, rows in enumerate(micro):
             loss, metrics, logp, grads = loss_and_grad(
-                batch.tokens[rows], batch.prompt_lens[rows], batch.mask[rows], advantages[rows], old_logps[j],
-                None if ref_logp is None else ref_logp[rows], n_items,
+                batch.tokens[rows],
+                batch.prompt_lens[rows],
+                batch.mask[rows],
+                advantages[rows],
+                old_logps[j],
+                None if ref_logp is None else ref_logp[rows],
+                n_items,
             )
             if it == 0 and num_iterations > 1:
                 old_logps[j] = mx.stop_gradient(logp)  # "old" policy = the first pass
@@ -237,9 +258,20 @@ def update_policy(model, optimizer, loss_and_grad, batch: Batch, advantages, ref
 # ------------------------------------------------------------------ 6. report
 
 
-def step_metrics(batch: Batch, shown: np.ndarray, collected: Collected, update: Update, *, group_size: int,
-                 learning_rate: float, timing: Timing, step_time: float, kl: float | None, dynamic_sampling: bool,
-                 world: World) -> dict:
+def step_metrics(
+    batch: Batch,
+    shown: np.ndarray,
+    collected: Collected,
+    update: Update,
+    *,
+    group_size: int,
+    learning_rate: float,
+    timing: Timing,
+    step_time: float,
+    kl: float | None,
+    dynamic_sampling: bool,
+    world: World,
+) -> dict:
     """The step's figures with TRL's names, over the global batch: per-completion values are
     gathered from every rank, per-rank figures averaged. `shown` (N,) is the reward reported."""
     G = group_size
@@ -292,12 +324,17 @@ def sample_groups(batch: Batch, shown: np.ndarray, advantages: np.ndarray, group
     for b, ex in enumerate(batch.examples[:count]):
         completions = []
         for i in range(b * G, (b + 1) * G):
-            completions.append(dict(
-                text=roll.texts[i],
-                rewards={name: (None if math.isnan(v[i]) else float(v[i])) for name, v in per_fn.items()},
-                reward=float(shown[i]), advantage=float(advantages[i]),
-                length=int(roll.lengths[i]), finish_reason=roll.finish_reasons[i],
-            ))
-        groups.append(dict(prompt=ex["prompt"], prompt_text=ex["prompt_text"], answer=ex.get("answer"),
-                           completions=completions))
+            completions.append(
+                dict(
+                    text=roll.texts[i],
+                    rewards={name: (None if math.isnan(v[i]) else float(v[i])) for name, v in per_fn.items()},
+                    reward=float(shown[i]),
+                    advantage=float(advantages[i]),
+                    length=int(roll.lengths[i]),
+                    finish_reason=roll.finish_reasons[i],
+                )
+            )
+        groups.append(
+            dict(prompt=ex["prompt"], prompt_text=ex["prompt_text"], answer=ex.get("answer"), completions=completions)
+        )
     return groups

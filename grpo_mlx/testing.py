@@ -12,23 +12,93 @@ from grpo_mlx.errors import UserError
 
 # Random-weight models: (mlx-lm architecture, config). Shapes of the public models they are named after.
 PRESETS: dict[str, tuple[str, dict]] = {
-    "qwen2.5-0.5b": ("qwen2", dict(hidden_size=896, num_hidden_layers=24, intermediate_size=4864, num_attention_heads=14,
-                                   num_key_value_heads=2, vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1e6,
-                                   tie_word_embeddings=True, max_position_embeddings=32768)),
-    "qwen2.5-1.5b": ("qwen2", dict(hidden_size=1536, num_hidden_layers=28, intermediate_size=8960, num_attention_heads=12,
-                                   num_key_value_heads=2, vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1e6,
-                                   tie_word_embeddings=True, max_position_embeddings=32768)),
-    "qwen3-0.6b": ("qwen3", dict(hidden_size=1024, num_hidden_layers=28, intermediate_size=3072, num_attention_heads=16,
-                                 num_key_value_heads=8, head_dim=128, vocab_size=151936, rms_norm_eps=1e-6,
-                                 rope_theta=1e6, tie_word_embeddings=True, max_position_embeddings=40960)),
-    "llama-3.2-1b": ("llama", dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
-                                   num_key_value_heads=8, vocab_size=128256, rms_norm_eps=1e-5, rope_theta=5e5,
-                                   tie_word_embeddings=True)),
-    "smollm2-135m": ("llama", dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536, num_attention_heads=9,
-                                   num_key_value_heads=3, vocab_size=49152, rms_norm_eps=1e-5, rope_theta=1e5,
-                                   tie_word_embeddings=True)),
-    "tiny": ("llama", dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=8192, rms_norm_eps=1e-5, tie_word_embeddings=True)),
+    "qwen2.5-0.5b": (
+        "qwen2",
+        dict(
+            hidden_size=896,
+            num_hidden_layers=24,
+            intermediate_size=4864,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            rms_norm_eps=1e-6,
+            rope_theta=1e6,
+            tie_word_embeddings=True,
+            max_position_embeddings=32768,
+        ),
+    ),
+    "qwen2.5-1.5b": (
+        "qwen2",
+        dict(
+            hidden_size=1536,
+            num_hidden_layers=28,
+            intermediate_size=8960,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            rms_norm_eps=1e-6,
+            rope_theta=1e6,
+            tie_word_embeddings=True,
+            max_position_embeddings=32768,
+        ),
+    ),
+    "qwen3-0.6b": (
+        "qwen3",
+        dict(
+            hidden_size=1024,
+            num_hidden_layers=28,
+            intermediate_size=3072,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=151936,
+            rms_norm_eps=1e-6,
+            rope_theta=1e6,
+            tie_word_embeddings=True,
+            max_position_embeddings=40960,
+        ),
+    ),
+    "llama-3.2-1b": (
+        "llama",
+        dict(
+            hidden_size=2048,
+            num_hidden_layers=16,
+            intermediate_size=8192,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            rms_norm_eps=1e-5,
+            rope_theta=5e5,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "smollm2-135m": (
+        "llama",
+        dict(
+            hidden_size=576,
+            num_hidden_layers=30,
+            intermediate_size=1536,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            vocab_size=49152,
+            rms_norm_eps=1e-5,
+            rope_theta=1e5,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "tiny": (
+        "llama",
+        dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=8192,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+        ),
+    ),
 }
 
 
@@ -57,8 +127,9 @@ def build_random_model(spec: str):
     try:
         module = importlib.import_module(f"mlx_lm.models.{arch}")
     except ImportError:
-        raise UserError(f"--random {spec}: no preset or mlx-lm architecture named {arch!r} "
-                        f"(presets: {', '.join(PRESETS)})") from None
+        raise UserError(
+            f"--random {spec}: no preset or mlx-lm architecture named {arch!r} (presets: {', '.join(PRESETS)})"
+        ) from None
     model = module.Model(module.ModelArgs.from_dict({"model_type": arch, **config}))
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
     if embed is not None:  # logits with a trained model's spread (std ~3), not N(0, 1) embeddings' ~30

@@ -51,7 +51,9 @@ class TrainingStopped(UserError, RuntimeError):
 
 def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
     total = max(cfg.iters * cfg.num_iterations, 1)
-    decay = optim.cosine_decay(cfg.learning_rate, max(total - cfg.warmup_steps, 1), cfg.learning_rate * cfg.min_lr_ratio)
+    decay = optim.cosine_decay(
+        cfg.learning_rate, max(total - cfg.warmup_steps, 1), cfg.learning_rate * cfg.min_lr_ratio
+    )
     schedule = decay
     if cfg.warmup_steps > 0:
         warmup = optim.linear_schedule(cfg.learning_rate / cfg.warmup_steps, cfg.learning_rate, cfg.warmup_steps)
@@ -78,7 +80,9 @@ class Trainer:
         self.eval_examples = []
         if cfg.eval_limit > 0:
             for split in dict.fromkeys([cfg.eval_split, "valid", "test"]):
-                found = data.load_split(cfg.data, split, prompt_key=cfg.prompt_key, answer_key=cfg.answer_key, required=False)
+                found = data.load_split(
+                    cfg.data, split, prompt_key=cfg.prompt_key, answer_key=cfg.answer_key, required=False
+                )
                 if found:
                     self.eval_examples = found[: cfg.eval_limit]
                     break
@@ -92,11 +96,17 @@ class Trainer:
         self._assemble(model, tokenizer, train, held, adapter_config)
         self._check_context()
         if not data.has_chat_template(self.tokenizer):
-            self.bus.emit(events.Message(level="warning", text=f"{cfg.model} has no chat template: prompts are used as plain text"))
+            self.bus.emit(
+                events.Message(
+                    level="warning", text=f"{cfg.model} has no chat template: prompts are used as plain text"
+                )
+            )
         if cfg.resume:
             ckpt = checkpoint.latest_checkpoint(self.run_dir)
             if ckpt is None:
-                raise FileNotFoundError(f"--resume {self.run_dir}: no complete checkpoint in {self.run_dir / 'checkpoints'}")
+                raise FileNotFoundError(
+                    f"--resume {self.run_dir}: no complete checkpoint in {self.run_dir / 'checkpoints'}"
+                )
             self.state.update(checkpoint.load_checkpoint(ckpt, self.model, self.optimizer))
             if (ckpt / "reference.safetensors").exists():
                 self.ref_adapters = mx.load(str(ckpt / "reference.safetensors"))
@@ -106,13 +116,24 @@ class Trainer:
                 json.dump(to_dict(cfg), f, indent=2)
 
     @classmethod
-    def from_parts(cls, cfg: TrainConfig, model, tokenizer, train_examples: list[dict], eval_examples=(), *,
-                   adapter_config: dict, bus: EventBus | None = None) -> Trainer:
+    def from_parts(
+        cls,
+        cfg: TrainConfig,
+        model,
+        tokenizer,
+        train_examples: list[dict],
+        eval_examples=(),
+        *,
+        adapter_config: dict,
+        bus: EventBus | None = None,
+    ) -> Trainer:
         """A trainer over a model (adapters already added) and prepared examples held in memory,
         for the benchmark and tests: the same step, without loading anything or a run directory."""
         trainer = cls(cfg, bus)
-        trainer.reward_fns = [rewards.resolve_reward(spec, max_completion_length=cfg.max_completion_length)
-                              for spec in cfg.reward_functions]
+        trainer.reward_fns = [
+            rewards.resolve_reward(spec, max_completion_length=cfg.max_completion_length)
+            for spec in cfg.reward_functions
+        ]
         trainer.world = World()
         trainer._assemble(model, tokenizer, list(train_examples), list(eval_examples), adapter_config)
         return trainer
@@ -126,10 +147,26 @@ class Trainer:
         self.state = {"step": 0, "data_position": 0, "skipped_steps": 0}
         self.ref_adapters = None  # iterative GRPO: the adapters the reference was last reset to
         self._loss_and_grad = make_loss_and_grad(
-            model, cfg.temperature, loss_type=cfg.loss_type, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
-            beta=0.0 if cfg.kl_in_reward else cfg.beta, importance_sampling_level=cfg.importance_sampling_level,
-            max_completion_length=cfg.max_completion_length, kl_estimator=cfg.kl_estimator, delta=cfg.delta,
+            model,
+            cfg.temperature,
+            loss_type=cfg.loss_type,
+            epsilon=cfg.epsilon,
+            epsilon_high=cfg.epsilon_high,
+            beta=0.0 if cfg.kl_in_reward else cfg.beta,
+            importance_sampling_level=cfg.importance_sampling_level,
+            max_completion_length=cfg.max_completion_length,
+            kl_estimator=cfg.kl_estimator,
+            delta=cfg.delta,
         )
+        # what each stage takes from the configuration, gathered once
+        self._sampling = dict(batch_size=cfg.batch_size, group_size=cfg.group_size, seed=cfg.seed,
+                              dynamic_sampling=cfg.dynamic_sampling,
+                              max_resample_rounds=cfg.max_resample_rounds)  # fmt: skip
+        self._advantages = dict(group_size=cfg.group_size, weights=cfg.reward_weights, tokenizer=tokenizer,
+                                combination=cfg.reward_combination, scale=cfg.scale_rewards,
+                                baseline=cfg.advantage_baseline)  # fmt: skip
+        self._update = dict(num_iterations=cfg.num_iterations, micro_batches=cfg.gradient_accumulation_steps,
+                            max_grad_norm=cfg.max_grad_norm)  # fmt: skip
 
     def _check_ranks(self) -> None:
         """Data parallelism needs each rank to take an equal share of whole groups and every rank
@@ -138,13 +175,20 @@ class Trainer:
         if size == 1:
             return
         if cfg.batch_size % size:
-            raise ConfigError(f"'batch_size' = {cfg.batch_size} prompts do not divide across {size} ranks; "
-                              f"use a multiple of {size}")
+            raise ConfigError(
+                f"'batch_size' = {cfg.batch_size} prompts do not divide across {size} ranks; use a multiple of {size}"
+            )
         if cfg.dynamic_sampling:
-            raise ConfigError("'dynamic_sampling' is not supported across several ranks yet (each rank would refill differently)")
-        if not self.world.same_everywhere({k: v for k, v in to_dict(cfg).items() if k not in ("adapter_path", "resume")}):
-            raise ConfigError(f"rank {self.world.rank}: the ranks were started with different configurations "
-                              f"(compare their flags and config files)")
+            raise ConfigError(
+                "'dynamic_sampling' is not supported across several ranks yet (each rank would refill differently)"
+            )
+        if not self.world.same_everywhere(
+            {k: v for k, v in to_dict(cfg).items() if k not in ("adapter_path", "resume")}
+        ):
+            raise ConfigError(
+                f"rank {self.world.rank}: the ranks were started with different configurations "
+                f"(compare their flags and config files)"
+            )
 
     def _check_context(self) -> None:
         """Refuse before training when a prompt plus a full completion cannot fit the model."""
@@ -158,7 +202,8 @@ class Trainer:
                     raise data.DataError(
                         f"{self.cfg.data}: {split} example {i} has {n} prompt tokens; with max_completion_length "
                         f"{self.cfg.max_completion_length} that exceeds the model's context of {context} tokens "
-                        f"(shorten the prompt, lower --max-completion-length, or drop long prompts with --max-prompt-length)"
+                        "(shorten the prompt, lower --max-completion-length, "
+                        "or drop long prompts with --max-prompt-length)"
                     )
 
     def reference(self):
@@ -176,11 +221,8 @@ class Trainer:
         mx.reset_peak_memory()
 
         # 1. draw prompts, sample G completions of each, score them        (step, sampler, rewards)
-        collected = collect_groups(
-            self.train_examples, self.state["data_position"], batch_size=cfg.batch_size, group_size=G,
-            seed=cfg.seed, world=world, sample=self.sample, score=self.score, timing=timing,
-            dynamic_sampling=cfg.dynamic_sampling, max_resample_rounds=cfg.max_resample_rounds,
-        )
+        collected = collect_groups(self.train_examples, self.state["data_position"], world=world, sample=self.sample,
+                                   score=self.score, timing=timing, **self._sampling)  # fmt: skip
         self.state["data_position"] = collected.position
         # 2. the kept groups as one padded batch                                            (batch)
         batch = make_batch(collected.groups, G, self.pad_id)
@@ -197,32 +239,26 @@ class Trainer:
         shown = totals + (batch.rewards.shown - batch.rewards.total)  # (N,) process rewards at their mean
 
         # 4. group-relative advantages over the global batch, this rank's rows          (advantages)
-        adv = compute_advantages(
-            {k: world.gather(v) for k, v in batch.rewards.per_function.items()}, world.gather(totals),
-            batch.rewards.steps, batch.rewards.step_weights, group_size=G, weights=cfg.reward_weights,
-            combination=cfg.reward_combination, scale=cfg.scale_rewards, baseline=cfg.advantage_baseline,
-            tokenizer=self.tokenizer, completion_ids=batch.completion_ids, num_tokens=batch.mask.shape[1],
-            rows=world.own_rows(len(totals)),
-        )  # (N,) or (N, T)
+        per_function = {k: world.gather(v) for k, v in batch.rewards.per_function.items()}
+        adv = compute_advantages(per_function, world.gather(totals), batch.rewards.steps, batch.rewards.step_weights,
+                                 completion_ids=batch.completion_ids, num_tokens=batch.mask.shape[1],
+                                 rows=world.own_rows(len(totals)), **self._advantages)  # fmt: skip  # (N,) | (N, T)
 
         # 5. μ passes of loss + gradients over micro-batches, clipped, applied           (step, loss)
         with timing.phase("update"):
-            update = update_policy(
-                self.model, self.optimizer, self._loss_and_grad, batch, adv, ref_logp,
-                num_iterations=cfg.num_iterations, micro_batches=cfg.gradient_accumulation_steps,
-                max_grad_norm=cfg.max_grad_norm, world=world,
-            )
+            update = update_policy(self.model, self.optimizer, self._loss_and_grad, batch, adv, ref_logp,
+                                   world=world, **self._update)  # fmt: skip
         if update.skipped:  # never apply a non-finite update: count it, go on
             self.state["skipped_steps"] += 1
-            self.bus.emit(events.Message(level="warning", text=f"step {step + 1}: non-finite loss or gradient norm; update skipped"))
+            text = f"step {step + 1}: non-finite loss or gradient norm; update skipped"
+            self.bus.emit(events.Message(level="warning", text=text))
             return {M.SKIPPED: 1, M.LOSS: float("nan"), M.GRAD_NORM: float(update.grad_norms[-1].item())}
 
         # 6. report: TRL-named metrics of the global batch, samples of rank 0's groups        (step)
-        metrics = step_metrics(
-            batch, shown, collected, update, group_size=G, learning_rate=float(self.optimizer.learning_rate.item()),
-            timing=timing, step_time=time.perf_counter() - t_step, kl=kl, dynamic_sampling=cfg.dynamic_sampling,
-            world=world,
-        )
+        metrics = step_metrics(batch, shown, collected, update, group_size=G, timing=timing, kl=kl, world=world,
+                               learning_rate=float(self.optimizer.learning_rate.item()),
+                               step_time=time.perf_counter() - t_step,
+                               dynamic_sampling=cfg.dynamic_sampling)  # fmt: skip
         if world.is_main:
             groups = sample_groups(batch, shown, np.array(per_completion(adv, batch.mask)), G, cfg.samples_per_step)
             self.bus.emit(events.Samples(step=step + 1, groups=groups))  # numbered like the step event
@@ -231,8 +267,17 @@ class Trainer:
     def sample(self, examples: list[dict], seeds: list[int]) -> Rollout:
         cfg = self.cfg
         return generate_groups(
-            self.model, self.tokenizer, [ex["prompt_ids"] for ex in examples], cfg.group_size,
-            cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p, cfg.stop, seeds=seeds,
+            self.model,
+            self.tokenizer,
+            [ex["prompt_ids"] for ex in examples],
+            cfg.group_size,
+            cfg.max_completion_length,
+            cfg.temperature,
+            cfg.top_p,
+            cfg.top_k,
+            cfg.min_p,
+            cfg.stop,
+            seeds=seeds,
         )
 
     def score(self, examples: list[dict], roll: Rollout) -> rewards.RewardResult:
@@ -248,27 +293,36 @@ class Trainer:
         skip = {"prompt", "prompt_text", "prompt_ids"}
         columns = {k: [ex.get(k) for ex in rows] for k in (rows[0] if rows else {}) if k not in skip}
         columns["completion_ids"] = roll.completion_ids
-        return rewards.compute_rewards(self.reward_fns, self.cfg.reward_weights, prompts, completions, columns,
-                                       timeout=self.cfg.reward_timeout)
+        return rewards.compute_rewards(
+            self.reward_fns, self.cfg.reward_weights, prompts, completions, columns, timeout=self.cfg.reward_timeout
+        )
 
     def evaluate(self, examples: list[dict]) -> dict:
         """Greedy held-out figures: exact-answer accuracy (when answers exist) and mean reward."""
-        return held_out(self.model, self.tokenizer, examples, self.cfg.max_completion_length, self.cfg.stop,
-                        score=self.score)
+        return held_out(
+            self.model, self.tokenizer, examples, self.cfg.max_completion_length, self.cfg.stop, score=self.score
+        )
 
     # ----------------------------------------------------------------- the loop
     def save(self, step: int) -> None:
         if not self.world.is_main:  # every rank holds the same adapters; one writes them
             return
         try:
-            path = checkpoint.save_checkpoint(self.run_dir, step, self.model, self.adapter_config, self.optimizer,
-                                              {k: v for k, v in self.state.items() if k != "step"},
-                                              extra={"reference": self.ref_adapters} if self.ref_adapters else None)
+            path = checkpoint.save_checkpoint(
+                self.run_dir,
+                step,
+                self.model,
+                self.adapter_config,
+                self.optimizer,
+                {k: v for k, v in self.state.items() if k != "step"},
+                extra={"reference": self.ref_adapters} if self.ref_adapters else None,
+            )
         except OSError as e:
             last = checkpoint.latest_checkpoint(self.run_dir)
             kept = f"the previous checkpoint {last} is intact" if last else "no earlier checkpoint exists"
-            raise checkpoint.CheckpointError(f"cannot save the checkpoint of step {step} in {self.run_dir}: "
-                                             f"{e.strerror or e}; {kept}") from e
+            raise checkpoint.CheckpointError(
+                f"cannot save the checkpoint of step {step} in {self.run_dir}: {e.strerror or e}; {kept}"
+            ) from e
         self.bus.emit(events.Checkpoint(step=step, path=str(path)))
 
     def run(self) -> dict:
@@ -280,8 +334,13 @@ class Trainer:
         try:
             return self._loop(start)
         except Exception as e:
-            self.bus.emit(events.End(step=int(self.state["step"]), summary={"run_dir": str(self.run_dir), "error": str(e)},
-                          status="failed"))
+            self.bus.emit(
+                events.End(
+                    step=int(self.state["step"]),
+                    summary={"run_dir": str(self.run_dir), "error": str(e)},
+                    status="failed",
+                )
+            )
             raise
         finally:
             if sink:
@@ -289,13 +348,32 @@ class Trainer:
 
     def _loop(self, start: int) -> dict:
         cfg = self.cfg
-        self.bus.emit(events.Start(run_dir=str(self.run_dir), config=to_dict(cfg), total_steps=cfg.iters,
-                      start_step=start, blas=blas_name(), model=cfg.model,
-                      train_examples=len(self.train_examples), eval_examples=len(self.eval_examples)))
+        self.bus.emit(
+            events.Start(
+                run_dir=str(self.run_dir),
+                config=to_dict(cfg),
+                total_steps=cfg.iters,
+                start_step=start,
+                blas=blas_name(),
+                model=cfg.model,
+                train_examples=len(self.train_examples),
+                eval_examples=len(self.eval_examples),
+            )
+        )
         if cfg.ref_update_every and cfg.beta == 0:
-            self.bus.emit(events.Message(level="warning", text="--ref-update-every has no effect with beta = 0 (there is no KL term)"))
+            self.bus.emit(
+                events.Message(
+                    level="warning", text="--ref-update-every has no effect with beta = 0 (there is no KL term)"
+                )
+            )
         if cfg.num_iterations == 1:
-            self.bus.emit(events.Message(level="info", text="num_iterations = 1: the importance ratio is exactly 1, so clipping never acts (clip_ratio reads 0)."))
+            self.bus.emit(
+                events.Message(
+                    level="info",
+                    text="num_iterations = 1: the importance ratio is exactly 1, "
+                    "so clipping never acts (clip_ratio reads 0).",
+                )
+            )
         evaluating = self.world.is_main and bool(self.eval_examples)
         before = self.evaluate(self.eval_examples) if evaluating and (start == 0 or cfg.resume is None) else {}
         if before:
@@ -355,7 +433,11 @@ class Trainer:
         steps = int(self.state["step"])
         summary: dict = {"run_dir": str(self.run_dir), "steps": steps, "status": status}
         if status == "stopped":
-            self.bus.emit(events.Message(level="info", text=f"stopped at step {steps}; continue with: grpo-mlx train --resume {self.run_dir}"))
+            self.bus.emit(
+                events.Message(
+                    level="info", text=f"stopped at step {steps}; continue with: grpo-mlx train --resume {self.run_dir}"
+                )
+            )
             self.bus.emit(events.End(step=steps, summary=summary, status=status))
             return summary
         after = self.evaluate(self.eval_examples) if evaluating else {}

@@ -14,7 +14,6 @@ from grpo_mlx.advantages import (
 )
 
 
-
 def close(actual, expected, tol=None):
     if tol is None:
         np.testing.assert_allclose(np.array(actual), np.array(expected, dtype=np.float64), rtol=1e-5, atol=1e-5)
@@ -119,5 +118,8 @@ def test_rewards_combined_before_or_after_normalisation():
     rewards = mx.array([[r1], [r2]])  # (K=2, B=1, G=3)
     close(combined_advantages(rewards, [1.0, 1.0], "normalize_each", eps=0.0), [[0.57735, -1.1547, 0.57735]], 1e-4)
     # summed first: [1, 0, 30], mean 31/3, sample std sqrt(290.333) = 17.0392
-    close(combined_advantages(rewards, [1.0, 1.0], "sum", eps=0.0),
-          [[(1 - 31 / 3) / 17.0392, (0 - 31 / 3) / 17.0392, (30 - 31 / 3) / 17.0392]], 1e-4)
+    close(
+        combined_advantages(rewards, [1.0, 1.0], "sum", eps=0.0),
+        [[(1 - 31 / 3) / 17.0392, (0 - 31 / 3) / 17.0392, (30 - 31 / 3) / 17.0392]],
+        1e-4,
+    )

@@ -29,7 +29,7 @@ def test_quick_bench_on_the_demo(tmp_path, capsys):
     for name in ("grpo_mlx", "batch_generator"):
         assert ro[name]["generated"] == 2 * 2 * 8, "both generate the whole budget"
         assert ro[name]["decode_tok_s"] > 0 and ro[name]["prefill_tok_s"] > 0
-    assert ro["decode_ratio"] > 0 and 0 < ro["decode_step"]["bandwidth_fraction"]
+    assert ro["decode_ratio"] > 0 and ro["decode_step"]["bandwidth_fraction"] > 0
     assert set(ro["sampling_ms"]) == {"mlx_lm_style", "mlx_eager", "mlx_compiled", "numpy_host"}
     tr = r["train"]
     for beta in ("beta_0", "beta_pos"):
@@ -40,12 +40,24 @@ def test_quick_bench_on_the_demo(tmp_path, capsys):
     assert tr["beta_0"]["reference"] < tr["beta_pos"]["reference"], "beta = 0 runs no reference pass"
     assert tr["peak_ratio"] > 0 and tr["train_matmuls"]["gflops_6pt"] > 0
     lp = r["logprobs"]
-    assert lp["chunked"]["peak_gb"] > 0 and lp["full_log_softmax_gb_at_64x512"] == pytest.approx(64 * 512 * 100 * 4 / 1e9)
+    assert lp["chunked"]["peak_gb"] > 0 and lp["full_log_softmax_gb_at_64x512"] == pytest.approx(
+        64 * 512 * 100 * 4 / 1e9
+    )
 
 
 def test_quick_bench_on_a_random_model(tmp_path):
     path = tmp_path / "bench.json"
-    args = ["bench", "--quick", "--random", "tiny:num_hidden_layers=1", "--only", "rollout", "logprobs", "--json", str(path)]
+    args = [
+        "bench",
+        "--quick",
+        "--random",
+        "tiny:num_hidden_layers=1",
+        "--only",
+        "rollout",
+        "logprobs",
+        "--json",
+        str(path),
+    ]
     assert cli.main(args) == 0
     r = json.loads(path.read_text())
     assert r["model"]["layers"] == 1 and r["model"]["vocab"] == 8192
@@ -69,8 +81,18 @@ def test_whole_logits_are_skipped_when_they_would_not_fit(tmp_path, monkeypatch)
     rows, vocab = 256, 8192  # whole logits: 8.4 MB, needing about 29 MB
     monkeypatch.setattr(bench, "_available_memory", lambda: 40 * 2**20)  # 40 MB available
     path = tmp_path / "bench.json"
-    args = ["bench", "--quick", "--random", "tiny:num_hidden_layers=1", "--only", "logprobs",
-            "--logprob-rows", str(rows), "--json", str(path)]
+    args = [
+        "bench",
+        "--quick",
+        "--random",
+        "tiny:num_hidden_layers=1",
+        "--only",
+        "logprobs",
+        "--logprob-rows",
+        str(rows),
+        "--json",
+        str(path),
+    ]
     assert cli.main(args) == 0
     lp = json.loads(path.read_text())["logprobs"]
     assert lp["vocab"] == vocab and "would need about" in lp["whole"]["skipped"]

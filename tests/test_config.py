@@ -83,21 +83,25 @@ def test_loss_type_message_lists_valid_values():
 
 def test_cli_generates_a_flag_per_field():
     parser = cli.make_parser()
-    args = parser.parse_args(["train", "--group-size", "4", "--reward-functions", "accuracy", "format", "--dynamic-sampling"])
+    args = parser.parse_args(
+        ["train", "--group-size", "4", "--reward-functions", "accuracy", "format", "--dynamic-sampling"]
+    )
     cfg = cli.config_from_args(args)
     assert cfg.group_size == 4 and cfg.reward_functions == ["accuracy", "format"] and cfg.dynamic_sampling
 
 
 def test_cli_typo_flag_suggests_closest():
-    proc = subprocess.run([sys.executable, "-m", "grpo_mlx", "train", "--lerning-rate", "1e-4"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "grpo_mlx", "train", "--lerning-rate", "1e-4"], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert "--lerning-rate" in proc.stderr and "--learning-rate" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
 def test_cli_bad_value_exits_2_without_traceback():
-    proc = subprocess.run([sys.executable, "-m", "grpo_mlx", "train", "--group-size", "1"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "grpo_mlx", "train", "--group-size", "1"], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert "'group_size'" in proc.stderr and "Traceback" not in proc.stderr

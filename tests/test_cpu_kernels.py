@@ -7,11 +7,11 @@ import pytest
 from mlx_lm.models.activations import swiglu as mlx_lm_swiglu
 
 from grpo_mlx import cpu_kernels
+from grpo_mlx.batch import training_arrays
 from grpo_mlx.config import DEMO_MODEL
 from grpo_mlx.logprobs import completion_logprobs
 from grpo_mlx.policy import load_model, prepare_for_cpu
 from grpo_mlx.sampler import generate_groups
-from grpo_mlx.batch import training_arrays
 
 
 def test_exp_is_as_accurate_as_float32_allows():
@@ -27,8 +27,9 @@ def test_exp_is_as_accurate_as_float32_allows():
 def test_swiglu_and_its_gradient_match_mlx_lm():
     gate = mx.random.normal((16, 300), key=mx.random.key(1)) * 4
     up = mx.random.normal((16, 300), key=mx.random.key(2))
-    np.testing.assert_allclose(np.asarray(cpu_kernels.swiglu(gate, up)), np.asarray(mlx_lm_swiglu(gate, up)),
-                               rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(cpu_kernels.swiglu(gate, up)), np.asarray(mlx_lm_swiglu(gate, up)), rtol=2e-6, atol=1e-6
+    )
 
     def grads(fn):
         return mx.grad(lambda g, u: (fn(g, u) * mx.arange(300)).sum(), argnums=(0, 1))(gate, up)

@@ -4,8 +4,15 @@ import sys
 
 import pytest
 
-from grpo_mlx.data import (DataError, encode_prompt, format_prompt, load_hub_dataset, load_split,
-                           pick_split_files, prepare_examples)
+from grpo_mlx.data import (
+    DataError,
+    encode_prompt,
+    format_prompt,
+    load_hub_dataset,
+    load_split,
+    pick_split_files,
+    prepare_examples,
+)
 
 # ---------------------------------------------------------------- fixtures
 
@@ -28,20 +35,30 @@ def make_tokenizer(chat_template=None, append_eos=False):
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     single = "<s> $A </s>" if append_eos else "<s> $A"
     tok.post_processor = processors.TemplateProcessing(
-        single=single, special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])])
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                      unk_token="[UNK]", additional_special_tokens=specials[3:])
+        single=single, special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])]
+    )
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="[UNK]",
+        additional_special_tokens=specials[3:],
+    )
     if chat_template:
         wrapped.chat_template = chat_template
     return wrapped
 
 
-CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n"
-        "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
-NO_SYSTEM = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
-             "{{ raise_exception('System role not supported') }}{% endif %}"
-             "<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+NO_SYSTEM = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def error_of(fn, *args, **kwargs) -> str:
@@ -54,11 +71,9 @@ def error_of(fn, *args, **kwargs) -> str:
 
 
 def test_directory_of_splits(tmp_path):
-    write_jsonl(tmp_path / "train.jsonl", [{"prompt": "1+1=", "answer": "2"},
-                                           {"prompt": "2+2=", "answer": "4"}])
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "answer": "4"}])
     write_jsonl(tmp_path / "valid.jsonl", [{"prompt": "3+3=", "answer": "6"}])
-    assert load_split(str(tmp_path), "train") == [{"prompt": "1+1=", "answer": "2"},
-                                                   {"prompt": "2+2=", "answer": "4"}]
+    assert load_split(str(tmp_path), "train") == [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "answer": "4"}]
     assert load_split(str(tmp_path), "valid") == [{"prompt": "3+3=", "answer": "6"}]
     assert load_split(str(tmp_path), "test", required=False) == []
     message = error_of(load_split, str(tmp_path), "test")
@@ -73,16 +88,17 @@ def test_single_file_is_train_only(tmp_path):
 
 
 def test_column_mapping_and_extra_columns(tmp_path):
-    write_jsonl(tmp_path / "train.jsonl", [
-        {"question": "q1", "solution": "s1", "difficulty": 3, "tests": ["a", "b"]}])
+    write_jsonl(tmp_path / "train.jsonl", [{"question": "q1", "solution": "s1", "difficulty": 3, "tests": ["a", "b"]}])
     [example] = load_split(str(tmp_path), "train", prompt_key="question", answer_key="solution")
     assert example == {"prompt": "q1", "answer": "s1", "difficulty": 3, "tests": ["a", "b"]}
 
 
 def test_answer_optional_for_whole_file_but_consistent(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a"}, {"prompt": "b", "x": 1}])
-    assert load_split(str(tmp_path), "train") == [{"prompt": "a", "answer": None},
-                                                  {"prompt": "b", "x": 1, "answer": None}]
+    assert load_split(str(tmp_path), "train") == [
+        {"prompt": "a", "answer": None},
+        {"prompt": "b", "x": 1, "answer": None},
+    ]
     write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a", "answer": "1"}, {"prompt": "b"}])
     message = error_of(load_split, str(tmp_path), "train")
     assert "train.jsonl:2:" in message and "missing key 'answer'" in message
@@ -113,16 +129,19 @@ def test_blank_lines_skipped_and_line_numbers_kept(tmp_path):
     assert [e["prompt"] for e in load_split(str(tmp_path), "train")] == ["a", "b"]
 
 
-@pytest.mark.parametrize("line, expected", [
-    ('{"prompt": "a",}', ":2: not valid JSON (Expecting property name"),
-    ('["prompt", "a"]', ":2: expected a JSON object, got list"),
-    ('{"prompt": ""}', ":2: key 'prompt' is an empty string"),
-    ('{"prompt": 5}', ":2: key 'prompt' must be a non-empty string or a list"),
-    ('{"prompt": []}', ":2: key 'prompt' must be a non-empty string or a list"),
-    ('{"prompt": [{"role": "user"}]}', ":2: key 'prompt' message 0 must be an object with"),
-    ('{"prompt": [{"role": "bot", "content": "x"}]}', ":2: key 'prompt' message 0 has role 'bot'"),
-    ('{"prompt": [{"role": "user", "content": 3}]}', ":2: key 'prompt' message 0 content"),
-])
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ('{"prompt": "a",}', ":2: not valid JSON (Expecting property name"),
+        ('["prompt", "a"]', ":2: expected a JSON object, got list"),
+        ('{"prompt": ""}', ":2: key 'prompt' is an empty string"),
+        ('{"prompt": 5}', ":2: key 'prompt' must be a non-empty string or a list"),
+        ('{"prompt": []}', ":2: key 'prompt' must be a non-empty string or a list"),
+        ('{"prompt": [{"role": "user"}]}', ":2: key 'prompt' message 0 must be an object with"),
+        ('{"prompt": [{"role": "bot", "content": "x"}]}', ":2: key 'prompt' message 0 has role 'bot'"),
+        ('{"prompt": [{"role": "user", "content": 3}]}', ":2: key 'prompt' message 0 content"),
+    ],
+)
 def test_validation_errors_name_file_line_and_key(tmp_path, line, expected):
     path = tmp_path / "train.jsonl"
     path.write_text('{"prompt": "fine"}\n' + line + "\n", encoding="utf-8")
@@ -161,18 +180,13 @@ def test_json_list_file(tmp_path):
 
 def test_pick_split_files_layouts():
     assert pick_split_files(["README.md", "train.jsonl", "test.jsonl"], "train") == ["train.jsonl"]
-    shards = ["data/train-00001-of-00002.jsonl", "data/train-00000-of-00002.jsonl",
-              "data/test-00000-of-00001.jsonl"]
+    shards = ["data/train-00001-of-00002.jsonl", "data/train-00000-of-00002.jsonl", "data/test-00000-of-00001.jsonl"]
     assert pick_split_files(shards, "train") == sorted(shards[:2])
     assert pick_split_files(["train.json", "data/train-0.parquet"], "train") == ["train.json"]
-    assert pick_split_files(["data/train-0.parquet", "data/test-0.parquet"], "test") == \
-        ["data/test-0.parquet"]
-    assert pick_split_files(["main/train-0.parquet", "main/test-0.parquet"], "train") == \
-        ["main/train-0.parquet"]
-    assert pick_split_files(["a/train-0.parquet", "default/train-0.parquet"], "train") == \
-        ["default/train-0.parquet"]
-    assert "several configs" in error_of(
-        pick_split_files, ["a/train-0.parquet", "b/train-0.parquet"], "train")
+    assert pick_split_files(["data/train-0.parquet", "data/test-0.parquet"], "test") == ["data/test-0.parquet"]
+    assert pick_split_files(["main/train-0.parquet", "main/test-0.parquet"], "train") == ["main/train-0.parquet"]
+    assert pick_split_files(["a/train-0.parquet", "default/train-0.parquet"], "train") == ["default/train-0.parquet"]
+    assert "several configs" in error_of(pick_split_files, ["a/train-0.parquet", "b/train-0.parquet"], "train")
     assert pick_split_files(["train.jsonl"], "validation") == []
 
 
@@ -183,8 +197,7 @@ def fake_hub(monkeypatch, tmp_path, files: dict):
     downloads = []
     for name, rows in files.items():
         write_jsonl(tmp_path / "hub" / name, rows)
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files",
-                        lambda self, repo_id, repo_type=None: list(files))
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id, repo_type=None: list(files))
 
     def download(repo_id, filename, repo_type=None):
         assert repo_type == "dataset"
@@ -196,16 +209,21 @@ def fake_hub(monkeypatch, tmp_path, files: dict):
 
 
 def test_hub_load_through_load_split(monkeypatch, tmp_path):
-    downloads = fake_hub(monkeypatch, tmp_path, {
-        "data/train-00000-of-00002.jsonl": [{"question": "a", "answer": "1"}],
-        "data/train-00001-of-00002.jsonl": [{"question": "b", "answer": "2"}],
-        "data/validation-00000-of-00001.jsonl": [{"question": "c", "answer": "3"}],
-    })
+    downloads = fake_hub(
+        monkeypatch,
+        tmp_path,
+        {
+            "data/train-00000-of-00002.jsonl": [{"question": "a", "answer": "1"}],
+            "data/train-00001-of-00002.jsonl": [{"question": "b", "answer": "2"}],
+            "data/validation-00000-of-00001.jsonl": [{"question": "c", "answer": "3"}],
+        },
+    )
     monkeypatch.chdir(tmp_path)  # so "owner/name" is no local path
     train = load_split("owner/name", "train", prompt_key="question")
     assert train == [{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": "2"}]
     assert load_split("owner/name", "valid", prompt_key="question") == [
-        {"prompt": "c", "answer": "3"}]  # "valid" falls back to the Hub's "validation"
+        {"prompt": "c", "answer": "3"}
+    ]  # "valid" falls back to the Hub's "validation"
     assert downloads[-1] == "data/validation-00000-of-00001.jsonl"
     assert load_hub_dataset("owner/name", "test", required=False) == []
     assert "no files for the test split" in error_of(load_hub_dataset, "owner/name", "test")
@@ -240,10 +258,12 @@ def test_hub_offline_uses_cached_snapshot(monkeypatch, tmp_path):
         raise OSError("offline")
 
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", offline)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download",
-                        lambda repo_id, repo_type, local_files_only: str(tmp_path / "snap"))
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
-                        lambda repo_id, filename, repo_type: str(tmp_path / "snap" / filename))
+    monkeypatch.setattr(
+        huggingface_hub, "snapshot_download", lambda repo_id, repo_type, local_files_only: str(tmp_path / "snap")
+    )
+    monkeypatch.setattr(
+        huggingface_hub, "hf_hub_download", lambda repo_id, filename, repo_type: str(tmp_path / "snap" / filename)
+    )
     assert load_hub_dataset("owner/name", "train") == [{"prompt": "cached", "answer": None}]
 
 
@@ -253,26 +273,28 @@ def test_hub_offline_uses_cached_snapshot(monkeypatch, tmp_path):
 def test_format_prompt_with_chat_template():
     tok = make_tokenizer(CHAT)
     assert format_prompt(tok, "2+2=") == "<s><|user|>2+2=\n<|assistant|>"
-    assert format_prompt(tok, "2+2=", system_prompt="Be brief.") == \
-        "<s><|system|>Be brief.\n<|user|>2+2=\n<|assistant|>"
+    assert (
+        format_prompt(tok, "2+2=", system_prompt="Be brief.") == "<s><|system|>Be brief.\n<|user|>2+2=\n<|assistant|>"
+    )
     messages = [{"role": "system", "content": "Mine."}, {"role": "user", "content": "hi"}]
     # A system message in the data wins over the configured system prompt.
-    assert format_prompt(tok, messages, system_prompt="Be brief.") == \
-        "<s><|system|>Mine.\n<|user|>hi\n<|assistant|>"
+    assert format_prompt(tok, messages, system_prompt="Be brief.") == "<s><|system|>Mine.\n<|user|>hi\n<|assistant|>"
 
 
 def test_format_prompt_template_without_system_role():
     tok = make_tokenizer(NO_SYSTEM)
-    assert format_prompt(tok, "hi", system_prompt="Be brief.") == \
-        "<s><|user|>Be brief.\n\nhi\n<|assistant|>"
+    assert format_prompt(tok, "hi", system_prompt="Be brief.") == "<s><|user|>Be brief.\n\nhi\n<|assistant|>"
 
 
 def test_format_prompt_without_chat_template():
     tok = make_tokenizer()
     assert format_prompt(tok, "12+34=") == "12+34="
     assert format_prompt(tok, "12+34=", system_prompt="Add.") == "Add.\n\n12+34="
-    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                {"role": "user", "content": "c"}]
+    messages = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+    ]
     assert format_prompt(tok, messages) == "a\nb\nc"
 
 
@@ -305,8 +327,13 @@ def test_prepare_examples_adds_fields_and_enforces_length():
     tok = make_tokenizer()
     examples = [{"prompt": "ab", "answer": "x", "k": 1}, {"prompt": "abcdef", "answer": "y"}]
     prepared = prepare_examples(examples, tok, max_prompt_length=7)
-    assert prepared[0] == {"prompt": "ab", "answer": "x", "k": 1, "prompt_text": "ab",
-                           "prompt_ids": encode_prompt(tok, "ab")}
+    assert prepared[0] == {
+        "prompt": "ab",
+        "answer": "x",
+        "k": 1,
+        "prompt_text": "ab",
+        "prompt_ids": encode_prompt(tok, "ab"),
+    }
     assert len(prepared[1]["prompt_ids"]) == 7  # BOS + 6 characters
     assert "prompt_text" not in examples[0]  # new dicts, inputs untouched
     message = error_of(prepare_examples, examples, tok, max_prompt_length=6)
@@ -316,7 +343,9 @@ def test_prepare_examples_adds_fields_and_enforces_length():
 def test_module_imports_no_mlx():
     import subprocess
 
-    code = ("import sys, grpo_mlx.data; "
-            "bad = [m for m in ('mlx', 'mlx_lm', 'huggingface_hub') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, grpo_mlx.data; "
+        "bad = [m for m in ('mlx', 'mlx_lm', 'huggingface_hub') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

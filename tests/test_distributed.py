@@ -11,8 +11,21 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-ARGS = ["train", "--batch-size", "4", "--group-size", "4", "--iters", "4", "--eval-limit", "0",
-        "--learning-rate", "1e-3", "--save-every", "2"]
+ARGS = [
+    "train",
+    "--batch-size",
+    "4",
+    "--group-size",
+    "4",
+    "--iters",
+    "4",
+    "--eval-limit",
+    "0",
+    "--learning-rate",
+    "1e-3",
+    "--save-every",
+    "2",
+]
 LAUNCH = shutil.which("mlx.launch", path=os.path.dirname(sys.executable)) or shutil.which("mlx.launch")
 
 
@@ -30,8 +43,23 @@ def steps(run_dir):
 def test_two_ranks_equal_one_process(tmp_path):
     single, double = tmp_path / "single", tmp_path / "double"
     run([sys.executable, "-m", "grpo_mlx", *ARGS, "--adapter-path", str(single)])
-    proc = run([LAUNCH, "-n", "2", "--backend", "ring", "--python", sys.executable, "--",
-                "-m", "grpo_mlx", *ARGS, "--adapter-path", str(double)])
+    proc = run(
+        [
+            LAUNCH,
+            "-n",
+            "2",
+            "--backend",
+            "ring",
+            "--python",
+            sys.executable,
+            "--",
+            "-m",
+            "grpo_mlx",
+            *ARGS,
+            "--adapter-path",
+            str(double),
+        ]
+    )
     a = mx.load(str(single / "adapters.safetensors"))
     b = mx.load(str(double / "adapters.safetensors"))
     assert a.keys() == b.keys()
@@ -42,15 +70,36 @@ def test_two_ranks_equal_one_process(tmp_path):
     assert (diff > 1e-6).mean() < 0.01
     # only rank 0 wrote: one line per step (two writers would double them), one progress bar
     assert [e["step"] for e in steps(double)] == [1, 2, 3, 4]
-    assert [e["metrics"]["reward"] for e in steps(double)] == pytest.approx([e["metrics"]["reward"] for e in steps(single)])
+    assert [e["metrics"]["reward"] for e in steps(double)] == pytest.approx(
+        [e["metrics"]["reward"] for e in steps(single)]
+    )
     assert (proc.stdout + proc.stderr).count("step 4/4") == 1
 
 
 @pytest.mark.skipif(LAUNCH is None, reason="mlx.launch is not installed")
 def test_batch_must_divide_across_ranks(tmp_path):
-    proc = subprocess.run([LAUNCH, "-n", "2", "--backend", "ring", "--python", sys.executable, "--",
-                           "-m", "grpo_mlx", "train", "--batch-size", "3", "--adapter-path", str(tmp_path / "r")],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            LAUNCH,
+            "-n",
+            "2",
+            "--backend",
+            "ring",
+            "--python",
+            sys.executable,
+            "--",
+            "-m",
+            "grpo_mlx",
+            "train",
+            "--batch-size",
+            "3",
+            "--adapter-path",
+            str(tmp_path / "r"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     out = proc.stdout + proc.stderr
     assert "'batch_size' = 3 prompts do not divide across 2 ranks" in out
     assert "exited with code 2" in out  # mlx.launch itself exits 0; it reports each rank's status

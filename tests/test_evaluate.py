@@ -1,6 +1,7 @@
 """`grpo-mlx eval`: the estimators against hand-computed numbers, answer voting, and the command
 on the demo model with real (briefly trained) adapters."""
 
+import argparse
 import json
 import math
 
@@ -10,20 +11,22 @@ import pytest
 from grpo_mlx import cli
 from grpo_mlx.evaluate import majority_answer, parse_ks, pass_at_k, score_samples
 
-
 # ------------------------------------------------------------------ pass@k
 
 
-@pytest.mark.parametrize("n, c, k, expected", [
-    (5, 2, 2, 1 - 3 / 10),            # 1 - C(3,2)/C(5,2)
-    (10, 3, 4, 1 - 35 / 210),         # 1 - C(7,4)/C(10,4)
-    (3, 1, 1, 1 / 3),                 # pass@1 is c/n
-    (16, 0, 16, 0.0),                 # nothing right
-    (16, 16, 1, 1.0),
-    (4, 1, 4, 1.0),                   # k = n: any right sample counts
-    (5, 2, 4, 1.0),                   # n - c < k: every 4-subset holds a right one
-    (200, 1, 100, 0.5),               # 1 - C(199,100)/C(200,100) = 1 - 100/200
-])
+@pytest.mark.parametrize(
+    "n, c, k, expected",
+    [
+        (5, 2, 2, 1 - 3 / 10),  # 1 - C(3,2)/C(5,2)
+        (10, 3, 4, 1 - 35 / 210),  # 1 - C(7,4)/C(10,4)
+        (3, 1, 1, 1 / 3),  # pass@1 is c/n
+        (16, 0, 16, 0.0),  # nothing right
+        (16, 16, 1, 1.0),
+        (4, 1, 4, 1.0),  # k = n: any right sample counts
+        (5, 2, 4, 1.0),  # n - c < k: every 4-subset holds a right one
+        (200, 1, 100, 0.5),  # 1 - C(199,100)/C(200,100) = 1 - 100/200
+    ],
+)
 def test_pass_at_k_hand_values(n, c, k, expected):
     assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
 
@@ -60,8 +63,10 @@ def test_majority_vote():
 
 
 def test_score_samples_by_hand():
-    texts = [["46", "the answer is 46", "45", "no idea"],       # prompt 0: 2 right, answers 46,46,45,None
-             ["12", "13", "13", "#### 12"]]                     # prompt 1: 2 right, vote 13 (2) vs 12 (2) -> 12 first
+    texts = [
+        ["46", "the answer is 46", "45", "no idea"],  # prompt 0: 2 right, answers 46,46,45,None
+        ["12", "13", "13", "#### 12"],
+    ]  # prompt 1: 2 right, vote 13 (2) vs 12 (2) -> 12 first
     lengths = [[3, 8, 3, 2], [3, 3, 3, 5]]
     m = score_samples(texts, lengths, ["46", "12"], [1, 2, 4])
     assert m["pass@1"] == pytest.approx(0.5)
@@ -91,7 +96,7 @@ def test_format_compliance():
 def test_parse_ks():
     assert parse_ks("16,1,4,4") == [1, 4, 16]
     for bad in ["0", "a,b", ""]:
-        with pytest.raises(Exception):
+        with pytest.raises(argparse.ArgumentTypeError):
             parse_ks(bad)
 
 
@@ -158,8 +163,19 @@ def test_eval_every_emits_periodic_evaluations(tmp_path):
 
     with pytest.raises(ConfigError, match="eval_every"):
         build_config({"eval_every": -1})
-    trainer = Trainer(build_config(dict(adapter_path=str(tmp_path / "run"), batch_size=2, group_size=2,
-                                        iters=4, eval_every=2, eval_limit=4, save_every=100)))
+    trainer = Trainer(
+        build_config(
+            dict(
+                adapter_path=str(tmp_path / "run"),
+                batch_size=2,
+                group_size=2,
+                iters=4,
+                eval_every=2,
+                eval_limit=4,
+                save_every=100,
+            )
+        )
+    )
     trainer.run()
     evals = [(e["step"], e["name"]) for e in read_jsonl(str(trainer.run_dir / "metrics.jsonl")) if e["type"] == "eval"]
     assert evals == [(0, "before"), (2, "periodic"), (4, "periodic"), (4, "after")]

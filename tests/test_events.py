@@ -26,16 +26,19 @@ def test_every_event_type_round_trips_through_json():
         assert events.from_json(as_json) == event
 
 
-@pytest.mark.parametrize("line, problem", [
-    ([1, 2], "a JSON object, not list"),
-    (7, "a JSON object, not int"),
-    ({"type": "nonsense"}, "unknown event type 'nonsense'"),
-    ({"type": "step", "metrics": {}}, "step event without 'step'"),
-    ({"type": "step", "step": "3", "metrics": {}}, "'step' is str"),
-    ({"type": "step", "step": True, "metrics": {}}, "'step' is bool"),
-    ({"type": "samples", "step": 1, "groups": {"a": 1}}, "'groups' is dict"),
-    ({"type": "message", "level": "info", "text": 5}, "'text' is int"),
-])
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ([1, 2], "a JSON object, not list"),
+        (7, "a JSON object, not int"),
+        ({"type": "nonsense"}, "unknown event type 'nonsense'"),
+        ({"type": "step", "metrics": {}}, "step event without 'step'"),
+        ({"type": "step", "step": "3", "metrics": {}}, "'step' is str"),
+        ({"type": "step", "step": True, "metrics": {}}, "'step' is bool"),
+        ({"type": "samples", "step": 1, "groups": {"a": 1}}, "'groups' is dict"),
+        ({"type": "message", "level": "info", "text": 5}, "'text' is int"),
+    ],
+)
 def test_malformed_lines_are_refused_by_name(line, problem):
     with pytest.raises(EventFormatError, match=problem):
         events.from_json(line)
@@ -58,13 +61,21 @@ def test_the_bus_delivers_what_the_files_hold(tmp_path):
 def test_every_charted_metric_is_written_by_a_real_step(tmp_path):
     """A renamed metric must fail here, not leave an empty chart: one real step of the demo with
     beta > 0 writes every metric the dashboard charts (entropy too, from the sampler)."""
-    from tui.widgets import CHARTS
-
     from grpo_mlx.config import build_config
     from grpo_mlx.trainer import Trainer
+    from tui.widgets import CHARTS
 
-    cfg = build_config({"adapter_path": str(tmp_path / "run"), "iters": 1, "batch_size": 2, "group_size": 2,
-                        "eval_limit": 0, "beta": 0.04, "max_completion_length": 6})
+    cfg = build_config(
+        {
+            "adapter_path": str(tmp_path / "run"),
+            "iters": 1,
+            "batch_size": 2,
+            "group_size": 2,
+            "eval_limit": 0,
+            "beta": 0.04,
+            "max_completion_length": 6,
+        }
+    )
     trainer = Trainer(cfg)
     trainer.setup()
     metrics = trainer.train_step(0)

@@ -10,11 +10,11 @@ import pytest
 from mlx.utils import tree_flatten
 
 from grpo_mlx import cli
+from grpo_mlx.batch import training_arrays
 from grpo_mlx.config import DEMO_DATA, DEMO_MODEL, build_config
 from grpo_mlx.logprobs import completion_logprobs
-from grpo_mlx.policy import add_adapters, adapter_layers, load_model, save_adapters
+from grpo_mlx.policy import adapter_layers, add_adapters, load_model, save_adapters
 from grpo_mlx.sampler import generate_groups
-from grpo_mlx.batch import training_arrays
 from grpo_mlx.trainer import Trainer
 
 # (W + dW) x and W x + dW x round differently in float32. Measured against a float64 evaluation
@@ -27,8 +27,15 @@ FLOAT32_TOL = 1e-4
 def train_adapters(tmp_path, **overrides) -> Trainer:
     """A short real run. Its learning rate is 3x the demo's: the adapters move the policy well
     away from the base (most greedy answers change) without wrecking it, as 1e-3 already does."""
-    flags = dict(adapter_path=str(tmp_path / "run"), batch_size=4, group_size=4, iters=3,
-                 eval_limit=0, save_every=100, learning_rate=3e-4)
+    flags = dict(
+        adapter_path=str(tmp_path / "run"),
+        batch_size=4,
+        group_size=4,
+        iters=3,
+        eval_limit=0,
+        save_every=100,
+        learning_rate=3e-4,
+    )
     flags.update(overrides)
     trainer = Trainer(build_config(flags))
     trainer.run()

@@ -19,9 +19,20 @@ VOCAB = 5000
 def tiny_qwen(cls=None, tie=True):
     from mlx_lm.models import qwen2
 
-    args = qwen2.ModelArgs.from_dict(dict(model_type="qwen2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                          num_key_value_heads=2, intermediate_size=128, vocab_size=VOCAB, rms_norm_eps=1e-6,
-                                          rope_theta=1e4, tie_word_embeddings=tie))
+    args = qwen2.ModelArgs.from_dict(
+        dict(
+            model_type="qwen2",
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            vocab_size=VOCAB,
+            rms_norm_eps=1e-6,
+            rope_theta=1e4,
+            tie_word_embeddings=tie,
+        )
+    )
     mx.random.seed(0)
     model = (cls or qwen2.Model)(args)
     mx.eval(model.parameters())
@@ -60,11 +71,15 @@ def test_chunked_logprobs_and_gradients_equal_whole_logits(tie, temperature):
     whole = value_and_grads(model, lambda m, t, p: whole_logits_logprobs(m, t, p, 12, temperature))
     # 16 rows per chunk (72 rows: 5 chunks, the last one short), and everything in one chunk
     for chunk_bytes in (4 * VOCAB * 16, 2**40):
-        chunked = value_and_grads(model, lambda m, t, p: completion_logprobs(m, t, p, 12, temperature, chunk_bytes))
+        chunked = value_and_grads(
+            model, lambda m, t, p, c=chunk_bytes: completion_logprobs(m, t, p, 12, temperature, c)
+        )
         assert chunked[0] == pytest.approx(whole[0], rel=1e-5)
         assert chunked[1].keys() == whole[1].keys() and len(whole[1]) > 0
         for name, g in whole[1].items():
-            np.testing.assert_allclose(np.array(chunked[1][name]), np.array(g), rtol=1e-4, atol=1e-5 * float(mx.abs(g).max()))
+            np.testing.assert_allclose(
+                np.array(chunked[1][name]), np.array(g), rtol=1e-4, atol=1e-5 * float(mx.abs(g).max())
+            )
 
 
 def test_chunked_pass_works_inside_compile():
@@ -89,8 +104,11 @@ def test_models_that_postprocess_logits_are_not_split():
     model = tiny_qwen(SoftCapped)
     assert lm_head_split(model) is None and model._grpo_vocab == 0
     tokens, prompt_lens, _ = batch()
-    np.testing.assert_allclose(np.array(completion_logprobs(model, tokens, prompt_lens, 12)),
-                               np.array(whole_logits_logprobs(model, tokens, prompt_lens, 12, 1.0)), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.array(completion_logprobs(model, tokens, prompt_lens, 12)),
+        np.array(whole_logits_logprobs(model, tokens, prompt_lens, 12, 1.0)),
+        rtol=1e-6,
+    )
 
 
 def test_chunked_pass_keeps_memory_to_a_few_chunks():
@@ -119,7 +137,10 @@ def test_grad_checkpoint_gives_the_same_gradients():
     grads = {}
     for on in (False, True):
         model = tiny_qwen()
-        add_adapters(model, build_config({"model": "tiny", "data": DEMO_DATA, "num_layers": -1, "lora_rank": 4, "grad_checkpoint": on}))
+        add_adapters(
+            model,
+            build_config({"model": "tiny", "data": DEMO_DATA, "num_layers": -1, "lora_rank": 4, "grad_checkpoint": on}),
+        )
         assert getattr(type(model.layers[0]), "_grpo_checkpointed", False) == on
         grads[on] = value_and_grads(model, lambda m, t, p: completion_logprobs(m, t, p, 12))
     assert grads[True][0] == pytest.approx(grads[False][0], rel=1e-6)
@@ -136,9 +157,7 @@ def test_token_logprobs_match_naive_log_softmax(temperature):
     x = logits / temperature
     naive = x - np.log(np.exp(x).sum(-1, keepdims=True))  # (N, T, V) full log-softmax
     expected = np.take_along_axis(naive, targets[..., None], axis=-1)[..., 0]  # (N, T)
-    got = token_logprobs_from_logits(
-        mx.array(logits.astype(np.float32)), mx.array(targets), temperature
-    )
+    got = token_logprobs_from_logits(mx.array(logits.astype(np.float32)), mx.array(targets), temperature)
     assert got.dtype == mx.float32 and got.shape == (2, 4)
     np.testing.assert_allclose(np.array(got), expected, rtol=1e-5, atol=1e-5)
 

@@ -1,5 +1,5 @@
-"""grpo_mlx.loss (the GRPO-family loss and KL estimators) against numbers worked out by hand (derivations in the comments)."""
-
+"""grpo_mlx.loss (the GRPO-family loss, KL estimators) against numbers worked out by hand
+(derivations in the comments)."""
 
 import mlx.core as mx
 import numpy as np
@@ -34,9 +34,7 @@ KL_ADV = mx.array([1.0, -0.5])  # (2,)
 
 
 def kl_loss(loss_type, **kw):
-    return policy_loss(
-        KL_LOGP, KL_LOGP, KL_REF, KL_ADV, MASK, loss_type=loss_type, beta=0.1, **kw
-    )
+    return policy_loss(KL_LOGP, KL_LOGP, KL_REF, KL_ADV, MASK, loss_type=loss_type, beta=0.1, **kw)
 
 
 @pytest.mark.parametrize(
@@ -98,9 +96,7 @@ def test_clip_higher_asymmetric():
     close(m["clip_ratio/low_mean"], 0.2)
     close(m["clip_ratio/high_mean"], 0.2)
     close(m["clip_ratio/region_mean"], 0.4)
-    loss, _ = policy_loss(
-        CLIP_LOGP, CLIP_OLD, None, CLIP_ADV, MASK, loss_type="bnpo", epsilon_high=0.28
-    )
+    loss, _ = policy_loss(CLIP_LOGP, CLIP_OLD, None, CLIP_ADV, MASK, loss_type="bnpo", epsilon_high=0.28)
     close(loss, (-3.03 + 4.6) / 5)
 
 
@@ -212,10 +208,8 @@ def test_no_gradient_into_old_or_ref():
     close(g_ref, np.zeros((2, 3)))
     for level in ("token", "sequence"):
 
-        def h(old):
-            return policy_loss(
-                CLIP_LOGP, old, None, CLIP_ADV, MASK, importance_sampling_level=level
-            )[0]
+        def h(old, level=level):
+            return policy_loss(CLIP_LOGP, old, None, CLIP_ADV, MASK, importance_sampling_level=level)[0]
 
         close(mx.grad(h)(CLIP_OLD), np.zeros((2, 3)))
 
@@ -228,13 +222,27 @@ def test_no_gradient_into_old_or_ref():
 def test_empty_sequences_give_no_nan(loss_type, level):
     mask = mx.array([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])  # (2, 3), second sequence is all padding
     loss, m = policy_loss(
-        CLIP_LOGP, CLIP_OLD, KL_REF, CLIP_ADV, mask,
-        loss_type=loss_type, importance_sampling_level=level, beta=0.1,
+        CLIP_LOGP,
+        CLIP_OLD,
+        KL_REF,
+        CLIP_ADV,
+        mask,
+        loss_type=loss_type,
+        importance_sampling_level=level,
+        beta=0.1,
     )
     assert np.isfinite(np.array(loss))
     assert all(np.isfinite(np.array(v)) for v in m.values())
-    loss, m = policy_loss(CLIP_LOGP, CLIP_OLD, KL_REF, CLIP_ADV, mx.zeros((2, 3)), beta=0.1,
-                          loss_type=loss_type, importance_sampling_level=level)
+    loss, m = policy_loss(
+        CLIP_LOGP,
+        CLIP_OLD,
+        KL_REF,
+        CLIP_ADV,
+        mx.zeros((2, 3)),
+        beta=0.1,
+        loss_type=loss_type,
+        importance_sampling_level=level,
+    )
     close(loss, 0.0)
     close(m["kl"], 0.0)
 

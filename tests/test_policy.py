@@ -6,18 +6,28 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from grpo_mlx.config import DEMO_DATA, DEMO_MODEL, build_config
 from grpo_mlx import cpu_kernels
+from grpo_mlx.batch import training_arrays
+from grpo_mlx.config import DEMO_DATA, DEMO_MODEL, build_config
 from grpo_mlx.logprobs import completion_logprobs
 from grpo_mlx.policy import adapters_disabled, load_model, prepare_for_cpu
 from grpo_mlx.sampler import generate_groups
-from grpo_mlx.batch import training_arrays
 from grpo_mlx.trainer import Trainer
 
 
 def config(tmp_path, **kw):
-    flags = dict(model=DEMO_MODEL, data=DEMO_DATA, adapter_path=str(tmp_path / "run"), batch_size=4, group_size=4,
-                 iters=2, eval_limit=0, num_layers=-1, max_completion_length=8, learning_rate=2e-2)
+    flags = dict(
+        model=DEMO_MODEL,
+        data=DEMO_DATA,
+        adapter_path=str(tmp_path / "run"),
+        batch_size=4,
+        group_size=4,
+        iters=2,
+        eval_limit=0,
+        num_layers=-1,
+        max_completion_length=8,
+        learning_rate=2e-2,
+    )
     flags.update(kw)
     return build_config(flags)
 
@@ -93,8 +103,15 @@ def test_gradient_accumulation_matches_one_batch(tmp_path, loss_type):
 
     runs = {}
     for k in (1, 4):
-        t = Trainer(config(tmp_path / str(k), iters=1, loss_type=loss_type, gradient_accumulation_steps=k,
-                           reward_functions=["accuracy", "length"]))
+        t = Trainer(
+            config(
+                tmp_path / str(k),
+                iters=1,
+                loss_type=loss_type,
+                gradient_accumulation_steps=k,
+                reward_functions=["accuracy", "length"],
+            )
+        )
         t.run()
         runs[k] = [e["metrics"] for e in read_jsonl(str(t.run_dir / "metrics.jsonl")) if e["type"] == "step"][0]
     assert runs[1]["grad_norm"] > 0

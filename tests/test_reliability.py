@@ -62,7 +62,10 @@ def test_bad_data_is_one_clear_line(name, tmp_path, capsys):
 
 
 def test_prompt_longer_than_limit(tmp_path, capsys):
-    write(tmp_path / "data" / "train.jsonl", '{"prompt": "12+34", "answer": "46"}\n{"prompt": "' + "1+" * 40 + '1", "answer": "41"}\n')
+    write(
+        tmp_path / "data" / "train.jsonl",
+        '{"prompt": "12+34", "answer": "46"}\n{"prompt": "' + "1+" * 40 + '1", "answer": "41"}\n',
+    )
     code, err = run_cli(["--data", str(tmp_path / "data"), "--max-prompt-length", "20", *SMALL], capsys)
     assert code == 1 and "example 1" in err and "20" in err and "Traceback" not in err
 
@@ -102,8 +105,12 @@ def test_config_file_typo_names_line(tmp_path, capsys):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "grpo_mlx", "train", "--model", "/no/such/model", "--debug"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "grpo_mlx", "train", "--model", "/no/such/model", "--debug"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 
@@ -120,8 +127,16 @@ REWARDS = {
 
 
 def small(tmp_path, **kw):
-    flags = dict(adapter_path=str(tmp_path / "run"), batch_size=4, group_size=4, iters=4, eval_limit=0,
-                 save_every=2, learning_rate=1e-3, reward_timeout=2.0)
+    flags = dict(
+        adapter_path=str(tmp_path / "run"),
+        batch_size=4,
+        group_size=4,
+        iters=4,
+        eval_limit=0,
+        save_every=2,
+        learning_rate=1e-3,
+        reward_timeout=2.0,
+    )
     flags.update(kw)
     return build_config(flags)
 
@@ -140,9 +155,12 @@ def test_misbehaving_reward_stops_with_a_checkpoint(kind, tmp_path):
 
 
 def test_skip_policy_keeps_training(tmp_path):
-    path = write(tmp_path / "flaky.py", "calls = []\ndef flaky(prompts, completions, **kw):\n"
-                 "    calls.append(1)\n    if len(calls) == 2:\n        raise RuntimeError('flaky')\n"
-                 "    return [0.5] * len(completions)\n")
+    path = write(
+        tmp_path / "flaky.py",
+        "calls = []\ndef flaky(prompts, completions, **kw):\n"
+        "    calls.append(1)\n    if len(calls) == 2:\n        raise RuntimeError('flaky')\n"
+        "    return [0.5] * len(completions)\n",
+    )
     trainer = Trainer(small(tmp_path, reward_functions=["accuracy", f"{path}:flaky"], reward_error_policy="skip"))
     summary = trainer.run()
     assert summary["steps"] == 4 and trainer.state["skipped_steps"] == 1
@@ -261,7 +279,9 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in root.iterdir() if p.name.startswith(".tmp")] == []
     assert latest_checkpoint(trainer.run_dir).name == "step_0000002"
     mx.load(str(root / "step_0000002" / "adapters.safetensors"))  # loads: not damaged
-    resumed = Trainer(build_config({"resume": str(trainer.run_dir)}, base=json.loads((trainer.run_dir / "config.json").read_text())))
+    resumed = Trainer(
+        build_config({"resume": str(trainer.run_dir)}, base=json.loads((trainer.run_dir / "config.json").read_text()))
+    )
     assert resumed.run()["steps"] == 4
 
 
@@ -273,12 +293,12 @@ RUN_ARGS = ["train", *SMALL, "--iters", "6", "--save-every", "2"]
 KILL_POINTS = {
     # while the adapters of the second checkpoint are being written into the temporary directory
     "writing": "import grpo_mlx.checkpoint as c\norig = c.save_adapters\nn = []\n"
-               "def f(*a):\n    n.append(1)\n    orig(*a)\n    if len(n) == 2: os.kill(os.getpid(), signal.SIGKILL)\n"
-               "c.save_adapters = f\n",
+    "def f(*a):\n    n.append(1)\n    orig(*a)\n    if len(n) == 2: os.kill(os.getpid(), signal.SIGKILL)\n"
+    "c.save_adapters = f\n",
     # after the checkpoint directory is renamed into place, before `latest` moves
     "publishing": "import grpo_mlx.checkpoint as c\norig = c._copy_atomic\nn = []\n"
-                  "def f(*a):\n    n.append(1)\n    if len(n) == 3: os.kill(os.getpid(), signal.SIGKILL)\n    orig(*a)\n"
-                  "c._copy_atomic = f\n",
+    "def f(*a):\n    n.append(1)\n    if len(n) == 3: os.kill(os.getpid(), signal.SIGKILL)\n    orig(*a)\n"
+    "c._copy_atomic = f\n",
 }
 
 
@@ -308,7 +328,11 @@ def resume(run):
 @pytest.mark.parametrize("point", sorted(KILL_POINTS))
 def test_sigkill_during_save_loses_nothing(point, tmp_path, straight_run):
     run = tmp_path / "run"
-    code = "import os, signal, sys\n" + KILL_POINTS[point] + "from grpo_mlx.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    code = (
+        "import os, signal, sys\n"
+        + KILL_POINTS[point]
+        + "from grpo_mlx.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code, *train_args(run)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL
     ckpt = latest_checkpoint(run)

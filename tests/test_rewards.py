@@ -24,24 +24,28 @@ def chat(text):
 
 # --- extraction -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, expected", [
-    (r"so the answer is \boxed{42}.", "42"),
-    (r"\boxed{1} then \boxed{\frac{1}{2}}", r"\frac{1}{2}"),
-    (r"\boxed{ {a}{b{c}} } tail", "{a}{b{c}}"),
-    (r"\boxed{7} and a truncated \boxed{\frac{1}{", "7"),
-    ("Natalia sold 48/2 = 24 clips.\n#### 72", "72"),
-    ("#### $1,234.", "1,234"),
-    ("<answer> 17 </answer>", "17"),
-    ("<answer>a</answer> then <answer>\nParis\n</answer>", "Paris"),
-    ("The answer: 5 apples and 12 pears.", "12"),
-    ("It is -3.", "-3"),
-    ("temperature went from 2 to -7.5 degrees", "-7.5"),
-    ("between 3-4 hours", "4"),
-    ("she paid $1,250,000 in total", "1,250,000"),
-    ("0.25 of it", "0.25"),
-    ("no numbers here", None),
-    ("", None),
-])
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (r"so the answer is \boxed{42}.", "42"),
+        (r"\boxed{1} then \boxed{\frac{1}{2}}", r"\frac{1}{2}"),
+        (r"\boxed{ {a}{b{c}} } tail", "{a}{b{c}}"),
+        (r"\boxed{7} and a truncated \boxed{\frac{1}{", "7"),
+        ("Natalia sold 48/2 = 24 clips.\n#### 72", "72"),
+        ("#### $1,234.", "1,234"),
+        ("<answer> 17 </answer>", "17"),
+        ("<answer>a</answer> then <answer>\nParis\n</answer>", "Paris"),
+        ("The answer: 5 apples and 12 pears.", "12"),
+        ("It is -3.", "-3"),
+        ("temperature went from 2 to -7.5 degrees", "-7.5"),
+        ("between 3-4 hours", "4"),
+        ("she paid $1,250,000 in total", "1,250,000"),
+        ("0.25 of it", "0.25"),
+        ("no numbers here", None),
+        ("", None),
+    ],
+)
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
 
@@ -61,32 +65,62 @@ def test_completion_text_forms():
     assert completion_text("hi") == "hi"
     assert completion_text(chat("hi")) == "hi"
     assert completion_text({"role": "assistant", "content": "x"}) == "x"
-    assert completion_text([{"role": "assistant", "content": [{"type": "text", "text": "a"},
-                                                              {"type": "text", "text": "b"}]}]) == "ab"
+    assert (
+        completion_text(
+            [{"role": "assistant", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+        )
+        == "ab"
+    )
     assert extract_answer(chat(r"\boxed{3}")) == "3"
 
 
 # --- matching ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("predicted, reference", [
-    ("46", "46.0"), ("46.00", 46), ("1,000", "1000"), ("1000", 1000.0), ("$18", "18"),
-    ("-3", -3), ("0.5", "1/2"), (r"\frac{3}{4}", "0.75"), ("1/3", 1 / 3), ("50%", "50"),
-    ("72", "Natalia sold 48 clips...\n#### 72"), (" Paris ", "paris"), ("New  York", "new york"),
-    ("1000000.0000001", "1000000"),  # within 1e-6 relative
-])
+
+@pytest.mark.parametrize(
+    "predicted, reference",
+    [
+        ("46", "46.0"),
+        ("46.00", 46),
+        ("1,000", "1000"),
+        ("1000", 1000.0),
+        ("$18", "18"),
+        ("-3", -3),
+        ("0.5", "1/2"),
+        (r"\frac{3}{4}", "0.75"),
+        ("1/3", 1 / 3),
+        ("50%", "50"),
+        ("72", "Natalia sold 48 clips...\n#### 72"),
+        (" Paris ", "paris"),
+        ("New  York", "new york"),
+        ("1000000.0000001", "1000000"),  # within 1e-6 relative
+    ],
+)
 def test_answers_match_true(predicted, reference):
     assert answers_match(predicted, reference)
 
 
-@pytest.mark.parametrize("predicted, reference", [
-    ("46", "47"), ("0.5", "0.51"), ("-3", "3"), (None, "3"), ("3", None), ("Paris", "London"),
-    ("1,2", "12"), ("1/0", "0"), ("1000", "1001"), ("12", "#### 13"),
-])
+@pytest.mark.parametrize(
+    "predicted, reference",
+    [
+        ("46", "47"),
+        ("0.5", "0.51"),
+        ("-3", "3"),
+        (None, "3"),
+        ("3", None),
+        ("Paris", "London"),
+        ("1,2", "12"),
+        ("1/0", "0"),
+        ("1000", "1001"),
+        ("12", "#### 13"),
+    ],
+)
 def test_answers_match_false(predicted, reference):
     assert not answers_match(predicted, reference)
 
 
 # --- built-ins --------------------------------------------------------------------------------
+
 
 def build(name, **options):
     return BUILTIN_REWARDS[name](max_completion_length=options.pop("max_completion_length", 10), **options)
@@ -108,12 +142,12 @@ def test_format_strict():
     fn = build("format")
     good = "<think>\nsome reasoning\n</think>\n<answer>42</answer>\n"
     bad = [
-        "<answer>42</answer>",                                   # no think
-        "<answer>42</answer><think>x</think>",                   # wrong order
-        "hello <think>x</think><answer>42</answer>",             # text outside
-        "<think>x</think><answer>42</answer> trailing",          # text outside
+        "<answer>42</answer>",  # no think
+        "<answer>42</answer><think>x</think>",  # wrong order
+        "hello <think>x</think><answer>42</answer>",  # text outside
+        "<think>x</think><answer>42</answer> trailing",  # text outside
         "<think>x</think><answer>1</answer><answer>2</answer>",  # two answers
-        "<think>x<think>y</think><answer>1</answer>",            # nested tag
+        "<think>x<think>y</think><answer>1</answer>",  # nested tag
         "",
     ]
     assert fn(None, [good, chat(good)] + bad) == [1.0, 1.0] + [0.0] * len(bad)
@@ -191,11 +225,15 @@ def test_resolve_file(tmp_path):
 
 def test_resolve_file_can_import_its_siblings(tmp_path):
     write(tmp_path, "helpers_for_reward.py", "def score(c):\n    return 2.0\n")
-    path = write(tmp_path, "uses_helper.py", """
+    path = write(
+        tmp_path,
+        "uses_helper.py",
+        """
         from helpers_for_reward import score
         def r(prompts, completions, **kw):
             return [score(c) for c in completions]
-    """)
+    """,
+    )
     _, fn = resolve_reward(f"{path}:r")
     assert fn(None, ["a"]) == [2.0]
     assert str(tmp_path) not in sys.path  # the directory is only on the path while loading
@@ -223,12 +261,18 @@ def test_resolve_errors(tmp_path, monkeypatch):
     with pytest.raises(RewardSpecError, match="'THRESHOLD' .* is a int, not a function"):
         resolve_reward(f"{path}:THRESHOLD")
 
-    with pytest.raises(RewardSpecError, match=r"cannot import module 'no_such_pkg_xyz\.mod': "
-                                              r"ModuleNotFoundError: No module named 'no_such_pkg_xyz'"):
+    with pytest.raises(
+        RewardSpecError,
+        match=r"cannot import module 'no_such_pkg_xyz\.mod': "
+        r"ModuleNotFoundError: No module named 'no_such_pkg_xyz'",
+    ):
         resolve_reward("no_such_pkg_xyz.mod:f")
 
-    with pytest.raises(RewardSpecError, match=r"unknown built-in reward; did you mean 'accuracy'\? "
-                                              r"built-ins: accuracy, format"):
+    with pytest.raises(
+        RewardSpecError,
+        match=r"unknown built-in reward; did you mean 'accuracy'\? "
+        r"built-ins: accuracy, format",
+    ):
         resolve_reward("acuracy")
 
     with pytest.raises(RewardSpecError, match="name the function"):
@@ -257,9 +301,11 @@ def test_resolve_file_raising_on_load(tmp_path):
 
 # --- compute_rewards --------------------------------------------------------------------------
 
+
 def const(*values):
     def fn(prompts, completions, **kwargs):
         return list(values)
+
     return fn
 
 
@@ -287,16 +333,22 @@ def test_compute_rewards_passes_columns():
         seen.update(kwargs, prompts=prompts)
         return [0.0] * len(completions)
 
-    compute_rewards([("spy", spy)], None, ["p1", "p2"], ["c1", "c2"],
-                    {"answer": ["1", "2"], "completion_ids": [[1], [2, 3]]})
+    compute_rewards(
+        [("spy", spy)], None, ["p1", "p2"], ["c1", "c2"], {"answer": ["1", "2"], "completion_ids": [[1], [2, 3]]}
+    )
     assert seen == {"answer": ["1", "2"], "completion_ids": [[1], [2, 3]], "prompts": ["p1", "p2"]}
 
 
 def test_compute_rewards_builtins_end_to_end():
     fns = [resolve_reward(n, max_completion_length=4) for n in ("accuracy", "format", "overlong")]
     completions = [chat("<think>t</think><answer>7</answer>"), chat("8")]
-    result = compute_rewards(fns, [1.0, 0.5, 1.0], [[{"role": "user", "content": "q"}]] * 2, completions,
-                             {"answer": ["7", "7"], "completion_ids": [[1, 2], [1, 2, 3, 4]]})
+    result = compute_rewards(
+        fns,
+        [1.0, 0.5, 1.0],
+        [[{"role": "user", "content": "q"}]] * 2,
+        completions,
+        {"answer": ["7", "7"], "completion_ids": [[1, 2], [1, 2, 3, 4]]},
+    )
     np.testing.assert_allclose(result.total, [1.5, -1.0])
 
 
@@ -305,19 +357,27 @@ def test_compute_rewards_weight_count_mismatch():
         compute_rewards([("a", const(1.0))], [1.0, 2.0], ["p"], ["x"], {})
 
 
-@pytest.mark.parametrize("returned, pattern, index", [
-    ([1.0, 2.0], r"reward function 'bad' returned 2 values for 3 completions", None),
-    ({"a": 1}, r"returned a dict, expected a list of 3 floats", None),
-    (1.0, r"returned a float", None),
-    ([0.0, float("nan"), 1.0], r"returned nan for completion 1 \(on completion: 'second'\)", 1),
-    ([0.0, 1.0, float("inf")], r"returned inf for completion 2", 2),
-    ([0.0, "1", 1.0], r"returned '1' \(str\) for completion 1", 1),
-    (np.zeros((3, 1)), r"returned a ndarray", None),
-])
+@pytest.mark.parametrize(
+    "returned, pattern, index",
+    [
+        ([1.0, 2.0], r"reward function 'bad' returned 2 values for 3 completions", None),
+        ({"a": 1}, r"returned a dict, expected a list of 3 floats", None),
+        (1.0, r"returned a float", None),
+        ([0.0, float("nan"), 1.0], r"returned nan for completion 1 \(on completion: 'second'\)", 1),
+        ([0.0, 1.0, float("inf")], r"returned inf for completion 2", 2),
+        ([0.0, "1", 1.0], r"returned '1' \(str\) for completion 1", 1),
+        (np.zeros((3, 1)), r"returned a ndarray", None),
+    ],
+)
 def test_compute_rewards_invalid_results(returned, pattern, index):
     with pytest.raises(RewardFunctionError, match=pattern) as err:
-        compute_rewards([("bad", lambda prompts, completions, **kw: returned)], None,
-                        ["p"] * 3, ["first", chat("second"), "third"], {})
+        compute_rewards(
+            [("bad", lambda prompts, completions, **kw: returned)],
+            None,
+            ["p"] * 3,
+            ["first", chat("second"), "third"],
+            {},
+        )
     assert err.value.function_name == "bad"
     assert err.value.completion == ["first", "second", "third"][index or 0]
     assert err.value.index == index
@@ -331,8 +391,9 @@ def test_compute_rewards_function_raises():
     with pytest.raises(RewardFunctionError) as err:
         compute_rewards([("my_fn", my_fn)], None, ["p"], [completion], {})
     message = str(err.value)
-    assert message.startswith("reward function 'my_fn' failed: ZeroDivisionError: division by zero "
-                              "(on completion: 'xxx")
+    assert message.startswith(
+        "reward function 'my_fn' failed: ZeroDivisionError: division by zero (on completion: 'xxx"
+    )
     assert len(message) < 300  # the completion is cut to 200 characters
     assert err.value.completion == completion and isinstance(err.value.__cause__, ZeroDivisionError)
     assert isinstance(err.value, RuntimeError)

@@ -4,11 +4,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from grpo_mlx.batch import training_arrays
 from grpo_mlx.config import DEMO_MODEL
 from grpo_mlx.logprobs import completion_logprobs
 from grpo_mlx.policy import load_model
 from grpo_mlx.sampler import generate_groups
-from grpo_mlx.batch import training_arrays
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +19,13 @@ def model_and_tokenizer():
 
 
 def _prompts(tok, texts):
-    return [tok.encode(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False),
-                       add_special_tokens=False) for t in texts]
+    return [
+        tok.encode(
+            tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False),
+            add_special_tokens=False,
+        )
+        for t in texts
+    ]
 
 
 def test_shapes_eos_kept_and_finish_reasons(model_and_tokenizer):
@@ -41,7 +46,7 @@ def test_shapes_eos_kept_and_finish_reasons(model_and_tokenizer):
             assert roll.lengths[i] == 6 and eos not in ids
         # the mask covers exactly the completion, EOS included
         assert roll.mask[i].sum() == roll.lengths[i]
-        assert np.all(roll.logprobs[i, roll.lengths[i]:] == 0)
+        assert np.all(roll.logprobs[i, roll.lengths[i] :] == 0)
 
 
 def test_length_limit_reports_length(model_and_tokenizer):
@@ -85,7 +90,9 @@ def test_stop_strings_end_rows(model_and_tokenizer):
     prompts = _prompts(tok, ["12+34"])
     greedy = generate_groups(model, tok, prompts, group_size=1, max_tokens=6, temperature=0)
     first_char = greedy.texts[0][0]
-    roll = generate_groups(model, tok, prompts, group_size=2, max_tokens=6, temperature=0, stop=[first_char], stop_check_every=1)
+    roll = generate_groups(
+        model, tok, prompts, group_size=2, max_tokens=6, temperature=0, stop=[first_char], stop_check_every=1
+    )
     assert roll.texts == [first_char, first_char]
     assert roll.finish_reasons == ["stop", "stop"] and list(roll.lengths) == [1, 1]
 
@@ -158,9 +165,20 @@ def test_other_cache_types_prefill_one_prompt_at_a_time():
 
     from grpo_mlx.testing import NoStopTokenizer
 
-    args = llama.ModelArgs.from_dict(dict(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
-                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=300, rms_norm_eps=1e-5,
-                                          layer_types=["sliding_attention", "full_attention"], sliding_window=64))
+    args = llama.ModelArgs.from_dict(
+        dict(
+            model_type="llama",
+            hidden_size=64,
+            num_hidden_layers=2,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=300,
+            rms_norm_eps=1e-5,
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=64,
+        )
+    )
     mx.random.seed(0)
     model = llama.Model(args)
     mx.eval(model.parameters())

@@ -28,8 +28,9 @@ def free_port() -> int:
 
 
 def http(url: str, body: dict | None = None, timeout: float = 30) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=None if body is None else json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
@@ -65,13 +66,15 @@ def test_server_gives_the_policys_greedy_answers(trained, tmp_path):
     # in-process: the policy (base + adapters), greedy, on the chat-template rendering "12+34="
     examples = data.prepare_examples([{"prompt": p} for p in PROMPTS], trained.tokenizer)
     assert examples[0]["prompt_text"] == "12+34="
-    roll = generate_groups(trained.model, trained.tokenizer, [ex["prompt_ids"] for ex in examples], 1,
-                           MAX_TOKENS, temperature=0.0)
+    roll = generate_groups(
+        trained.model, trained.tokenizer, [ex["prompt_ids"] for ex in examples], 1, MAX_TOKENS, temperature=0.0
+    )
     expected = roll.texts
     assert all(reason == "stop" for reason in roll.finish_reasons)
     with adapters_disabled(trained.model):
-        base = generate_groups(trained.model, trained.tokenizer, [ex["prompt_ids"] for ex in examples], 1,
-                               MAX_TOKENS, temperature=0.0).texts
+        base = generate_groups(
+            trained.model, trained.tokenizer, [ex["prompt_ids"] for ex in examples], 1, MAX_TOKENS, temperature=0.0
+        ).texts
     assert base != expected, "pick prompts where the adapters change the answer"
 
     port = free_port()
@@ -79,16 +82,21 @@ def test_server_gives_the_policys_greedy_answers(trained, tmp_path):
     log_path = tmp_path / "server.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "mlx_lm.server", "--model", str(fused),
-                                 "--host", "127.0.0.1", "--port", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlx_lm.server", "--model", str(fused), "--host", "127.0.0.1", "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=tmp_path,
+        )
         try:
             wait_until_up(proc, base, log_path)
             answers = []
             for prompt in PROMPTS:
-                status, reply = http(base + "/v1/chat/completions", {
-                    "messages": [{"role": "user", "content": prompt}],
-                    "temperature": 0.0, "max_tokens": MAX_TOKENS})
+                status, reply = http(
+                    base + "/v1/chat/completions",
+                    {"messages": [{"role": "user", "content": prompt}], "temperature": 0.0, "max_tokens": MAX_TOKENS},
+                )
                 assert status == 200, log_path.read_text()[-3000:]
                 choice = reply["choices"][0]
                 assert choice["finish_reason"] == "stop"

@@ -27,14 +27,21 @@ def fake_sample(G, length=3):
         calls.append((list(chosen), list(seeds)))
         n = len(chosen) * G
         tokens = np.array([[ex["prompt_ids"][0]] * length for ex in chosen for _ in range(G)], dtype=np.int32)
-        return Rollout(tokens, np.full((n, length), -0.5, np.float32), np.full(n, length), ["stop"] * n,
-                       [f"{ex['answer']}:{g}" for ex in chosen for g in range(G)], sum(len(e["prompt_ids"]) for e in chosen))
+        return Rollout(
+            tokens,
+            np.full((n, length), -0.5, np.float32),
+            np.full(n, length),
+            ["stop"] * n,
+            [f"{ex['answer']}:{g}" for ex in chosen for g in range(G)],
+            sum(len(e["prompt_ids"]) for e in chosen),
+        )
 
     return sample, calls
 
 
 def score_by(rule):
     """Rewards from rule(example, g): one outcome function named 'r'."""
+
     def score(chosen, roll):
         G = len(roll.texts) // len(chosen)
         r = np.array([rule(ex, g) for ex in chosen for g in range(G)], dtype=np.float64)
@@ -55,11 +62,21 @@ def test_batch_at_walks_per_epoch_shuffles_without_repeats():
 def test_collect_groups_draws_the_stream_and_keys_seeds_by_position():
     sample, calls = fake_sample(G=2)
     timing = Timing()
-    got = collect_groups(examples(6), 4, batch_size=3, group_size=2, seed=0, world=World(), sample=sample,
-                         score=score_by(lambda ex, g: g), timing=timing)
+    got = collect_groups(
+        examples(6),
+        4,
+        batch_size=3,
+        group_size=2,
+        seed=0,
+        world=World(),
+        sample=sample,
+        score=score_by(lambda ex, g: g),
+        timing=timing,
+    )
     assert got.position == 7 and got.resample_rounds == 0
     assert [g.example for g in got.groups] == [examples(6)[i] for i in batch_at(6, 0, 4, 3)]
     from grpo_mlx.step import prompt_seed
+
     assert calls[0][1] == [prompt_seed(0, p) for p in (4, 5, 6)]
     assert all(g.rollout.tokens.shape == (2, 3) and list(g.rewards.total) == [0.0, 1.0] for g in got.groups)
     assert got.frac_reward_zero_std == 0.0 and timing["rollout"] >= 0 and set(timing) >= {"rollout", "rewards"}
@@ -70,8 +87,19 @@ def test_dynamic_sampling_replaces_flat_groups_and_counts_them():
     informative = {"1", "3"}  # only these prompts get rewards that differ within the group
     score = score_by(lambda ex, g: float(g) if ex["answer"] in informative else 1.0)
     data = examples(8)
-    got = collect_groups(data, 0, batch_size=2, group_size=2, seed=0, world=World(), sample=sample, score=score,
-                         timing=Timing(), dynamic_sampling=True, max_resample_rounds=10)
+    got = collect_groups(
+        data,
+        0,
+        batch_size=2,
+        group_size=2,
+        seed=0,
+        world=World(),
+        sample=sample,
+        score=score,
+        timing=Timing(),
+        dynamic_sampling=True,
+        max_resample_rounds=10,
+    )
     assert sorted(g.example["answer"] for g in got.groups) == ["1", "3"]
     assert not any(g.zero_std for g in got.groups)
     drawn = sum(len(c[0]) for c in calls)
@@ -81,8 +109,19 @@ def test_dynamic_sampling_replaces_flat_groups_and_counts_them():
 
 def test_dynamic_sampling_trains_on_the_last_round_when_every_group_is_flat():
     sample, calls = fake_sample(G=2)
-    got = collect_groups(examples(8), 0, batch_size=2, group_size=2, seed=0, world=World(), sample=sample,
-                         score=score_by(lambda ex, g: 1.0), timing=Timing(), dynamic_sampling=True, max_resample_rounds=2)
+    got = collect_groups(
+        examples(8),
+        0,
+        batch_size=2,
+        group_size=2,
+        seed=0,
+        world=World(),
+        sample=sample,
+        score=score_by(lambda ex, g: 1.0),
+        timing=Timing(),
+        dynamic_sampling=True,
+        max_resample_rounds=2,
+    )
     assert len(calls) == 3 and got.resample_rounds == 2 and len(got.groups) == 2
     assert all(g.zero_std for g in got.groups) and got.frac_reward_zero_std == 1.0
 
@@ -91,7 +130,9 @@ def test_make_batch_concatenates_groups_of_different_lengths():
     def group(answer, length):
         ex = {"prompt": "p", "prompt_text": "p", "prompt_ids": [5, 6, 7], "answer": answer}
         tokens = np.full((2, length), 9, np.int32)
-        roll = Rollout(tokens, np.zeros((2, length), np.float32), np.array([length, 1]), ["length", "stop"], ["a", "b"], 3)
+        roll = Rollout(
+            tokens, np.zeros((2, length), np.float32), np.array([length, 1]), ["length", "stop"], ["a", "b"], 3
+        )
         r = np.array([1.0, 0.0])
         return Group(ex, roll, RewardResult({"r": r}, r.copy()), False)
 
@@ -118,12 +159,32 @@ def test_update_policy_never_applies_a_non_finite_update():
         loss = mx.array(float("nan"))
         return loss, {}, mx.zeros(mask.shape), {"w": mx.array([float("inf"), 1.0])}
 
-    batch = make_batch([Group({"prompt": "p", "prompt_text": "p", "prompt_ids": [1]},
-                              Rollout(np.ones((2, 1), np.int32), np.zeros((2, 1), np.float32), np.array([1, 1]),
-                                      ["stop"] * 2, ["", ""], 1),
-                              RewardResult({"r": np.zeros(2)}, np.zeros(2)), True)], 2, 0)
-    update = update_policy(model, optimizer, loss_and_grad, batch, mx.zeros((2,)), None, num_iterations=2,
-                           micro_batches=1, max_grad_norm=1.0, world=World())
+    batch = make_batch(
+        [
+            Group(
+                {"prompt": "p", "prompt_text": "p", "prompt_ids": [1]},
+                Rollout(
+                    np.ones((2, 1), np.int32), np.zeros((2, 1), np.float32), np.array([1, 1]), ["stop"] * 2, ["", ""], 1
+                ),
+                RewardResult({"r": np.zeros(2)}, np.zeros(2)),
+                True,
+            )
+        ],
+        2,
+        0,
+    )
+    update = update_policy(
+        model,
+        optimizer,
+        loss_and_grad,
+        batch,
+        mx.zeros((2,)),
+        None,
+        num_iterations=2,
+        micro_batches=1,
+        max_grad_norm=1.0,
+        world=World(),
+    )
     assert update.skipped and len(update.grad_norms) == 1  # stopped at the first bad pass
     np.testing.assert_array_equal(np.array(model.w), before)
 

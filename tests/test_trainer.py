@@ -9,18 +9,25 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from grpo_mlx import cpu_kernels
+from grpo_mlx.batch import training_arrays
 from grpo_mlx.config import DEMO_DATA, DEMO_MODEL, build_config
 from grpo_mlx.events import EventBus, read_jsonl
-from grpo_mlx import cpu_kernels
 from grpo_mlx.logprobs import completion_logprobs
 from grpo_mlx.policy import adapters_disabled, load_model, prepare_for_cpu
-from grpo_mlx.batch import training_arrays
 from grpo_mlx.trainer import Trainer, TrainingStopped
 
 
 def small_config(tmp_path, **overrides):
-    flags = dict(adapter_path=str(tmp_path / "run"), batch_size=4, group_size=4, iters=3,
-                 eval_limit=0, save_every=100, learning_rate=1e-3)
+    flags = dict(
+        adapter_path=str(tmp_path / "run"),
+        batch_size=4,
+        group_size=4,
+        iters=3,
+        eval_limit=0,
+        save_every=100,
+        learning_rate=1e-3,
+    )
     flags.update(overrides)
     return build_config(flags)
 
@@ -82,10 +89,23 @@ def test_run_directory_contents(trained):
     run_dir = trained.run_dir
     steps = [e for e in read_jsonl(str(run_dir / "metrics.jsonl")) if e["type"] == "step"]
     assert [e["step"] for e in steps] == [1, 2, 3, 4]
-    for key in ["reward", "reward_std", "frac_reward_zero_std", "loss", "grad_norm", "learning_rate",
-                "completions/mean_length", "completions/clipped_ratio", "clip_ratio/low_mean",
-                "clip_ratio/high_mean", "clip_ratio/region_mean", "rewards/accuracy/mean", "step_time",
-                "tokens_per_second", "peak_memory_gb"]:
+    for key in [
+        "reward",
+        "reward_std",
+        "frac_reward_zero_std",
+        "loss",
+        "grad_norm",
+        "learning_rate",
+        "completions/mean_length",
+        "completions/clipped_ratio",
+        "clip_ratio/low_mean",
+        "clip_ratio/high_mean",
+        "clip_ratio/region_mean",
+        "rewards/accuracy/mean",
+        "step_time",
+        "tokens_per_second",
+        "peak_memory_gb",
+    ]:
         assert key in steps[0]["metrics"], key
     samples = read_jsonl(str(run_dir / "samples.jsonl"))
     assert len(samples) == 4
@@ -108,8 +128,9 @@ def test_resume_matches_straight_run(tmp_path):
     summary = interrupted.run()
     assert summary["status"] == "stopped" and summary["steps"] == 10
 
-    resumed_cfg = build_config({"resume": str(tmp_path / "b" / "run")},
-                               base=json.loads((tmp_path / "b" / "run" / "config.json").read_text()))
+    resumed_cfg = build_config(
+        {"resume": str(tmp_path / "b" / "run")}, base=json.loads((tmp_path / "b" / "run" / "config.json").read_text())
+    )
     resumed = Trainer(resumed_cfg)
     assert resumed.run()["steps"] == 20
 
@@ -118,8 +139,12 @@ def test_resume_matches_straight_run(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), atol=1e-6, err_msg=k)
-    rewards_a = [e["metrics"]["reward"] for e in read_jsonl(str(tmp_path / "a" / "run" / "metrics.jsonl")) if e["type"] == "step"]
-    rewards_b = [e["metrics"]["reward"] for e in read_jsonl(str(tmp_path / "b" / "run" / "metrics.jsonl")) if e["type"] == "step"]
+    rewards_a = [
+        e["metrics"]["reward"] for e in read_jsonl(str(tmp_path / "a" / "run" / "metrics.jsonl")) if e["type"] == "step"
+    ]
+    rewards_b = [
+        e["metrics"]["reward"] for e in read_jsonl(str(tmp_path / "b" / "run" / "metrics.jsonl")) if e["type"] == "step"
+    ]
     assert rewards_a == rewards_b
 
 
@@ -160,8 +185,11 @@ def test_reward_function_failure_stops_with_checkpoint(tmp_path):
 def test_dynamic_sampling_drops_flat_groups(tmp_path):
     reward_file = tmp_path / "flat.py"
     reward_file.write_text("def flat(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
-    t = Trainer(small_config(tmp_path, iters=1, dynamic_sampling=True, max_resample_rounds=2,
-                             reward_functions=[f"{reward_file}:flat"]))
+    t = Trainer(
+        small_config(
+            tmp_path, iters=1, dynamic_sampling=True, max_resample_rounds=2, reward_functions=[f"{reward_file}:flat"]
+        )
+    )
     t.run()
     m = _step_metrics(t)[0]
     assert m["frac_reward_zero_std"] == 1.0 and m["resample_rounds"] == 2
@@ -172,9 +200,25 @@ def test_dynamic_sampling_drops_flat_groups(tmp_path):
 def test_cli_end_to_end(tmp_path):
     run = tmp_path / "cli_run"
     proc = subprocess.run(
-        [sys.executable, "-m", "grpo_mlx", "train", "--iters", "2", "--batch-size", "2", "--group-size", "4",
-         "--eval-limit", "16", "--adapter-path", str(run)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "grpo_mlx",
+            "train",
+            "--iters",
+            "2",
+            "--batch-size",
+            "2",
+            "--group-size",
+            "4",
+            "--eval-limit",
+            "16",
+            "--adapter-path",
+            str(run),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert "held-out accuracy" in proc.stderr
@@ -183,8 +227,12 @@ def test_cli_end_to_end(tmp_path):
 
 
 def test_cli_missing_model_is_one_clear_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "grpo_mlx", "train", "--model", str(tmp_path / "nope"),
-                           "--data", DEMO_DATA], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "grpo_mlx", "train", "--model", str(tmp_path / "nope"), "--data", DEMO_DATA],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -193,8 +241,12 @@ def test_cli_missing_model_is_one_clear_line(tmp_path):
 def test_demo_learns(tmp_path):
     """The README's promise: `grpo-mlx train` with no options takes the demo model from <= 50%
     to >= 90% held-out accuracy within 200 steps."""
-    proc = subprocess.run([sys.executable, "-m", "grpo_mlx", "train", "--adapter-path", str(tmp_path / "demo")],
-                          capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        [sys.executable, "-m", "grpo_mlx", "train", "--adapter-path", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["steps"] == 200

@@ -33,8 +33,15 @@ def run(coro):
 
 def screen_text(app) -> str:
     width, height = app.size
-    console = Console(width=width, height=height, file=io.StringIO(), force_terminal=True, record=True,
-                      color_system=None, legacy_windows=False)
+    console = Console(
+        width=width,
+        height=height,
+        file=io.StringIO(),
+        force_terminal=True,
+        record=True,
+        color_system=None,
+        legacy_windows=False,
+    )
     console.print(app.screen._compositor.render_update(full=True, screen_stack=app._background_screens))
     return "\n".join(line.rstrip() for line in console.export_text().splitlines())
 
@@ -60,32 +67,75 @@ def check_snapshot(app, name: str) -> None:
 
 
 def completion(text, reward, advantage, length=3, finish="stop"):
-    return {"text": text, "rewards": {"accuracy": reward, "format": 0.5}, "reward": reward + 0.5,
-            "advantage": advantage, "length": length, "finish_reason": finish}
+    return {
+        "text": text,
+        "rewards": {"accuracy": reward, "format": 0.5},
+        "reward": reward + 0.5,
+        "advantage": advantage,
+        "length": length,
+        "finish_reason": finish,
+    }
 
 
 def scripted_run(steps=12, total=20, zero_std=0.25):
     """Events as the trainer emits them: start, eval, and per step its samples then the step."""
-    events = [{"type": "start", "run_dir": "runs/demo", "model": "demo-model", "blas": "OpenBLAS",
-               "config": {"batch_size": 2, "group_size": 4, "loss_type": "grpo", "beta": 0.04},
-               "total_steps": total, "start_step": 0},
-              {"type": "eval", "step": 0, "name": "before", "metrics": {"n": 20, "accuracy": 0.45, "mean_reward": 0.45}}]
+    events = [
+        {
+            "type": "start",
+            "run_dir": "runs/demo",
+            "model": "demo-model",
+            "blas": "OpenBLAS",
+            "config": {"batch_size": 2, "group_size": 4, "loss_type": "grpo", "beta": 0.04},
+            "total_steps": total,
+            "start_step": 0,
+        },
+        {"type": "eval", "step": 0, "name": "before", "metrics": {"n": 20, "accuracy": 0.45, "mean_reward": 0.45}},
+    ]
     for i in range(steps):
         acc = 0.4 + 0.04 * i
         groups = [
-            {"prompt": f"{10 + i}+{20 + i}", "prompt_text": f"{10 + i}+{20 + i}=", "answer": str(30 + 2 * i),
-             "completions": [completion(str(30 + 2 * i), 1.0, 0.87), completion("31", 0.0, -0.87),
-                             completion(str(30 + 2 * i), 1.0, 0.87), completion("2", 0.0, -0.87, 8, "length")]},
-            {"prompt": "5+5", "prompt_text": "5+5=", "answer": "10",
-             "completions": [completion("10", 1.0, 0.0) for _ in range(4)]},
+            {
+                "prompt": f"{10 + i}+{20 + i}",
+                "prompt_text": f"{10 + i}+{20 + i}=",
+                "answer": str(30 + 2 * i),
+                "completions": [
+                    completion(str(30 + 2 * i), 1.0, 0.87),
+                    completion("31", 0.0, -0.87),
+                    completion(str(30 + 2 * i), 1.0, 0.87),
+                    completion("2", 0.0, -0.87, 8, "length"),
+                ],
+            },
+            {
+                "prompt": "5+5",
+                "prompt_text": "5+5=",
+                "answer": "10",
+                "completions": [completion("10", 1.0, 0.0) for _ in range(4)],
+            },
         ]
         events.append({"type": "samples", "step": i + 1, "groups": groups})
-        events.append({"type": "step", "step": i + 1, "metrics": {
-            "reward": acc + 0.5, "reward_std": 0.4 - 0.01 * i, "frac_reward_zero_std": zero_std,
-            "kl": 0.001 * i, "loss": 0.01 * ((-1) ** i), "grad_norm": 2.0 - 0.1 * i, "learning_rate": 1e-4,
-            "completions/mean_length": 3.0 + 0.1 * i, "completions/clipped_ratio": 0.125,
-            "clip_ratio/region_mean": 0.0, "step_time": 0.5, "tokens_per_second": 1200.0,
-            "peak_memory_gb": 0.16, "rewards/accuracy/mean": acc, "rewards/format/mean": 0.5}})
+        events.append(
+            {
+                "type": "step",
+                "step": i + 1,
+                "metrics": {
+                    "reward": acc + 0.5,
+                    "reward_std": 0.4 - 0.01 * i,
+                    "frac_reward_zero_std": zero_std,
+                    "kl": 0.001 * i,
+                    "loss": 0.01 * ((-1) ** i),
+                    "grad_norm": 2.0 - 0.1 * i,
+                    "learning_rate": 1e-4,
+                    "completions/mean_length": 3.0 + 0.1 * i,
+                    "completions/clipped_ratio": 0.125,
+                    "clip_ratio/region_mean": 0.0,
+                    "step_time": 0.5,
+                    "tokens_per_second": 1200.0,
+                    "peak_memory_gb": 0.16,
+                    "rewards/accuracy/mean": acc,
+                    "rewards/format/mean": 0.5,
+                },
+            }
+        )
     return events
 
 
@@ -232,8 +282,9 @@ def test_health_warnings_are_visible(tmp_path):
 def test_a_burst_of_steps_is_drawn_once(tmp_path, monkeypatch):
     draws = []
     original = DashboardScreen.show
-    monkeypatch.setattr(DashboardScreen, "show", lambda self, state, events: (draws.append(len(events)),
-                                                                              original(self, state, events)))
+    monkeypatch.setattr(
+        DashboardScreen, "show", lambda self, state, events: (draws.append(len(events)), original(self, state, events))
+    )
 
     async def go():
         app = GrpoApp(attach=str(tmp_path))
@@ -269,7 +320,7 @@ def test_attach_follows_the_files(tmp_path):
             assert await wait_for(pilot, lambda: app.state.step == 2)
             assert "ATTACHED" not in screen_text(app) and "step 2/5" in screen_text(app)
             with open(tmp_path / "metrics.jsonl", "a") as f:  # the writer finishes its line, then ends
-                f.write(json.dumps(metrics[-1])[len('{"type": "st'):] + "\n")
+                f.write(json.dumps(metrics[-1])[len('{"type": "st') :] + "\n")
                 f.write(json.dumps({"type": "end", "step": 3, "summary": {}, "status": "finished"}) + "\n")
             assert await wait_for(pilot, lambda: app.state.status == "finished")
             assert "FINISHED" in screen_text(app) and "step 3/5" in screen_text(app)
@@ -302,7 +353,7 @@ def test_pause_resume_save_and_stop(fake_trainer):
             await pilot.press("s")  # start
             await pilot.pause()
             assert isinstance(app.screen, DashboardScreen) and app.state.status == "loading"
-            (cfg, controls), = fake_trainer
+            ((cfg, controls),) = fake_trainer
             assert cfg.iters == 20
             app.feed_many(scripted_run(steps=2))
             await pilot.pause()
@@ -342,7 +393,7 @@ def test_quitting_an_active_run_asks_first(fake_trainer):
             await press(pilot, "q")
             await pilot.click("#stop")  # stop, save, then quit when the run has ended
             await pilot.pause()
-            (_, controls), = fake_trainer
+            ((_, controls),) = fake_trainer
             assert controls.stop.is_set() and app.is_running
             app.feed({"type": "end", "step": 1, "summary": {}, "status": "stopped"})
             await pilot.pause()
@@ -373,8 +424,9 @@ def test_a_failing_run_is_reported(monkeypatch):
 
 
 def python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).parent.parent)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent
+    )
 
 
 def test_library_never_imports_textual():

@@ -23,8 +23,17 @@ def step(n, **metrics):
 
 def test_state_follows_a_run():
     s = RunState()
-    s.apply({"type": "start", "run_dir": "r", "config": {"batch_size": 2}, "total_steps": 4, "start_step": 0,
-             "blas": "x", "model": "m"})
+    s.apply(
+        {
+            "type": "start",
+            "run_dir": "r",
+            "config": {"batch_size": 2},
+            "total_steps": 4,
+            "start_step": 0,
+            "blas": "x",
+            "model": "m",
+        }
+    )
     assert s.status == "running" and s.total_steps == 4 and s.active
     s.apply(step(1, reward=0.5, step_time=2.0, **{"rewards/accuracy/mean": 0.5}))
     s.apply(step(2, reward=None, step_time=4.0, **{"rewards/accuracy/mean": 0.75}))  # null in a file = NaN
@@ -69,8 +78,10 @@ def test_pausing_becomes_paused_at_the_next_step():
 
 
 def test_log_lines():
-    assert describe({"type": "eval", "name": "before", "metrics": {"n": 5, "accuracy": 0.4, "mean_reward": 0.4}}) == \
-        "held-out (before, 5 prompts, greedy): accuracy 40.0%, mean reward 0.400"
+    assert (
+        describe({"type": "eval", "name": "before", "metrics": {"n": 5, "accuracy": 0.4, "mean_reward": 0.4}})
+        == "held-out (before, 5 prompts, greedy): accuracy 40.0%, mean reward 0.400"
+    )
     assert describe({"type": "checkpoint", "step": 3, "path": "p"}) == "checkpoint saved at step 3: p"
     assert describe(step(1)) is None
     s = RunState()
@@ -124,11 +135,13 @@ def test_reward_rising_without_correctness():
     alert = rules({"reward": rising, "rewards/accuracy/mean": flat_acc, "rewards/format/mean": rising})
     assert "reward_without_correctness" in alert and "accuracy moved +0.000" in alert["reward_without_correctness"].text
     assert "reward_without_correctness" not in rules(
-        {"reward": rising, "rewards/accuracy/mean": rising, "rewards/format/mean": rising})
+        {"reward": rising, "rewards/accuracy/mean": rising, "rewards/format/mean": rising}
+    )
     # accuracy alone: the reward is the correctness
     assert "reward_without_correctness" not in rules({"reward": rising, "rewards/accuracy/mean": flat_acc})
     assert "reward_without_correctness" not in rules(
-        {"reward": rising[-12:], "rewards/accuracy/mean": flat_acc[-12:], "rewards/format/mean": rising[-12:]})
+        {"reward": rising[-12:], "rewards/accuracy/mean": flat_acc[-12:], "rewards/format/mean": rising[-12:]}
+    )
 
 
 # ------------------------------------------------------------------ plots
@@ -203,8 +216,16 @@ def test_follower_merges_both_files(tmp_path):
 
 def test_form_applies_edits_with_the_cli_rules():
     base = build_config({})
-    cfg = form_config(base, {"iters": "7", "reward_functions": "accuracy, format", "reward_weights": "1 0.5",
-                             "learning_rate": "3e-4", "adapter_path": ""})
+    cfg = form_config(
+        base,
+        {
+            "iters": "7",
+            "reward_functions": "accuracy, format",
+            "reward_weights": "1 0.5",
+            "learning_rate": "3e-4",
+            "adapter_path": "",
+        },
+    )
     assert cfg.iters == 7 and cfg.reward_functions == ["accuracy", "format"] and cfg.reward_weights == [1.0, 0.5]
     assert cfg.learning_rate == 3e-4 and cfg.adapter_path is None and cfg.model == base.model
     with pytest.raises(ConfigError, match="group_size"):

@@ -44,12 +44,18 @@ class Tmux:
 
 def test_real_app_runs_the_demo_in_tmux(tmp_path):
     run_dir = tmp_path / "run"
-    command = (f"{sys.executable} -m grpo_mlx tui --iters 3 --eval-limit 20 --adapter-path {run_dir}; "
-               "echo EXITED-$?; sleep 60")
+    command = (
+        f"{sys.executable} -m grpo_mlx tui --iters 3 --eval-limit 20 --adapter-path {run_dir}; echo EXITED-$?; sleep 60"
+    )
     tmux = Tmux("demo")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TERM": "xterm-256color"}
-    subprocess.run(["tmux", "-L", tmux.socket, "new-session", "-d", "-s", "tui", "-x", "120", "-y", "40", command],
-                   check=True, env=env, cwd=tmp_path, timeout=30)
+    subprocess.run(
+        ["tmux", "-L", tmux.socket, "new-session", "-d", "-s", "tui", "-x", "120", "-y", "40", command],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=30,
+    )
     try:
         tmux.wait_for("Start training", "steps (iters)", timeout=60)
         tmux("send-keys", "-t", "tui", "s")

@@ -80,8 +80,15 @@ def test_cispo_keeps_gradient_of_clipped_tokens():
 
 
 def small(tmp_path, **kw):
-    flags = dict(adapter_path=str(tmp_path / "run"), batch_size=4, group_size=4, iters=3, eval_limit=0,
-                 save_every=100, learning_rate=2e-2)
+    flags = dict(
+        adapter_path=str(tmp_path / "run"),
+        batch_size=4,
+        group_size=4,
+        iters=3,
+        eval_limit=0,
+        save_every=100,
+        learning_rate=2e-2,
+    )
     flags.update(kw)
     return build_config(flags)
 
@@ -90,15 +97,22 @@ def step_metrics(trainer):
     return [e["metrics"] for e in read_jsonl(str(trainer.run_dir / "metrics.jsonl")) if e["type"] == "step"]
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(reward_functions=["accuracy", "digit_steps"]),
-    dict(reward_functions=["digit_steps"]),
-    dict(loss_type="cispo"),
-    dict(delta=2.0, num_iterations=2),
-    dict(beta=0.1, kl_estimator="k2"),
-    dict(beta=0.1, kl_in_reward=True),
-    dict(advantage_baseline="leave_one_out", reward_functions=["accuracy", "length"], reward_combination="normalize_each"),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(reward_functions=["accuracy", "digit_steps"]),
+        dict(reward_functions=["digit_steps"]),
+        dict(loss_type="cispo"),
+        dict(delta=2.0, num_iterations=2),
+        dict(beta=0.1, kl_estimator="k2"),
+        dict(beta=0.1, kl_in_reward=True),
+        dict(
+            advantage_baseline="leave_one_out",
+            reward_functions=["accuracy", "length"],
+            reward_combination="normalize_each",
+        ),
+    ],
+)
 def test_variants_train(tmp_path, overrides):
     t = Trainer(small(tmp_path, **overrides))
     assert t.run()["steps"] == 3

@@ -27,8 +27,8 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, Footer, Header, Label, TabbedContent, TabPane
 from textual.worker import get_current_worker
 
-from grpo_mlx.config import TrainConfig
 from grpo_mlx import events
+from grpo_mlx.config import TrainConfig
 from grpo_mlx.events import Control, Event, EventBus
 from tui import health
 from tui.config_form import ConfigScreen
@@ -70,18 +70,14 @@ class DashboardScreen(Screen):
         yield ProgressPanel(id="progress")
         yield HealthPanel(id="health")
         with TabbedContent(initial="charts"):
-            with TabPane("1 Charts", id="charts"):
-                with VerticalScroll():
-                    yield ChartGrid(id="chart-grid")
-            with TabPane("2 Advantages", id="advantages"):
-                with VerticalScroll():
-                    yield AdvantagePanel(id="advantage-panel")
-            with TabPane("3 Samples", id="samples"):
-                with VerticalScroll():
-                    yield SamplesPanel(id="samples-panel")
-            with TabPane("4 Log", id="log"):
-                with VerticalScroll(id="log-scroll"):
-                    yield LogPanel(id="log-view")
+            with TabPane("1 Charts", id="charts"), VerticalScroll():
+                yield ChartGrid(id="chart-grid")
+            with TabPane("2 Advantages", id="advantages"), VerticalScroll():
+                yield AdvantagePanel(id="advantage-panel")
+            with TabPane("3 Samples", id="samples"), VerticalScroll():
+                yield SamplesPanel(id="samples-panel")
+            with TabPane("4 Log", id="log"), VerticalScroll(id="log-scroll"):
+                yield LogPanel(id="log-view")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -145,8 +141,11 @@ class ConfirmQuit(ModalScreen[str]):
 
     def compose(self) -> ComposeResult:
         with Grid(id="confirm"):
-            yield Label("A run is in progress.\nStop it after this step and save a checkpoint, or quit now "
-                        "keeping only the checkpoints already saved?", id="confirm-question")
+            yield Label(
+                "A run is in progress.\nStop it after this step and save a checkpoint, or quit now "
+                "keeping only the checkpoints already saved?",
+                id="confirm-question",
+            )
             with Horizontal(id="confirm-buttons"):
                 yield Button("Stop, save, quit", variant="primary", id="stop")
                 yield Button("Quit now", variant="error", id="now")

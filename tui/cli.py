@@ -8,16 +8,19 @@ import asyncio
 import os
 import sys
 
-HELP = ("Terminal dashboard: configure and start a run (the demo by default) and watch it live, "
-        "or follow a run directory that `grpo-mlx train` is writing (--attach RUN_DIR).")
+HELP = (
+    "Terminal dashboard: configure and start a run (the demo by default) and watch it live, "
+    "or follow a run directory that `grpo-mlx train` is writing (--attach RUN_DIR)."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from grpo_mlx.cli import add_config_flags
 
     add_config_flags(parser)
-    parser.add_argument("--attach", metavar="RUN_DIR",
-                        help="Follow (or look back through) the run in RUN_DIR instead of starting one.")
+    parser.add_argument(
+        "--attach", metavar="RUN_DIR", help="Follow (or look back through) the run in RUN_DIR instead of starting one."
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,8 +46,12 @@ def run(args: argparse.Namespace) -> int:
         # "Quit now": the trainer thread cannot be cancelled and would keep the process alive.
         # Checkpoints are written atomically, so leaving mid-step keeps the last one intact.
         saved = app.state.checkpoints
-        kept = (f"the checkpoint of step {saved[-1]['step']} is kept (continue with: grpo-mlx train --resume "
-                f"{app.state.run_dir})" if saved else "no checkpoint had been saved yet")
+        kept = (
+            f"the checkpoint of step {saved[-1]['step']} is kept (continue with: grpo-mlx train --resume "
+            f"{app.state.run_dir})"
+            if saved
+            else "no checkpoint had been saved yet"
+        )
         print(f"grpo-mlx: quit during training at step {app.state.step}; {kept}", file=sys.stderr, flush=True)
         os._exit(130)
     loop.close()

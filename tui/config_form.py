@@ -31,8 +31,12 @@ FORM_FIELDS = [
     ("reward_functions", "reward functions"),
     ("reward_weights", "reward weights"),
 ]
-PLACEHOLDERS = {"adapter_path": "runs/<timestamp>", "reward_weights": "all 1", "model": "embedded demo model",
-                "data": "embedded demo task"}
+PLACEHOLDERS = {
+    "adapter_path": "runs/<timestamp>",
+    "reward_weights": "all 1",
+    "model": "embedded demo model",
+    "data": "embedded demo task",
+}
 
 
 def shown(value) -> str:
@@ -71,15 +75,20 @@ class ConfigScreen(Screen):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        with VerticalScroll(id="form"):
-            with Grid(id="fields"):
-                for name, label in FORM_FIELDS:
-                    yield Label(label, classes="field-label")
-                    value = getattr(self.base, name)
-                    if name == "loss_type":
-                        yield Select([(t, t) for t in LOSS_TYPES], value=value, allow_blank=False, compact=True, id=f"field-{name}")
-                    else:
-                        yield Input(shown(value), placeholder=PLACEHOLDERS.get(name, ""), compact=True, id=f"field-{name}")
+        with VerticalScroll(id="form"), Grid(id="fields"):
+            for name, label in FORM_FIELDS:
+                yield Label(label, classes="field-label")
+                value = getattr(self.base, name)
+                if name == "loss_type":
+                    yield Select(
+                        [(t, t) for t in LOSS_TYPES],
+                        value=value,
+                        allow_blank=False,
+                        compact=True,
+                        id=f"field-{name}",
+                    )
+                else:
+                    yield Input(shown(value), placeholder=PLACEHOLDERS.get(name, ""), compact=True, id=f"field-{name}")
         with Vertical(id="side"):
             yield Static(self.intro(), id="intro")
             yield Static("", id="field-help")
@@ -88,9 +97,17 @@ class ConfigScreen(Screen):
         yield Footer()
 
     def intro(self) -> str:
-        where = f"read from {self.source}" if self.source else "of the embedded demo" if self.base.is_demo else "from the flags"
-        return (f"The configuration {where}. Edit any field; every other option keeps its value "
-                "(grpo-mlx train --help lists them). Start: s or Enter on the button, ctrl+s anywhere.")
+        where = (
+            f"read from {self.source}"
+            if self.source
+            else "of the embedded demo"
+            if self.base.is_demo
+            else "from the flags"
+        )
+        return (
+            f"The configuration {where}. Edit any field; every other option keeps its value "
+            "(grpo-mlx train --help lists them). Start: s or Enter on the button, ctrl+s anywhere."
+        )
 
     def on_mount(self) -> None:
         self.sub_title = "configure a run"

@@ -7,8 +7,8 @@ Thresholds are stated here, once; each rule says in its message what it saw.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import math
+from dataclasses import dataclass
 from statistics import mean, median
 
 from grpo_mlx import metric_names as M
@@ -52,25 +52,33 @@ def check(steps: list[int], series: dict[str, list]) -> list[Alert]:
 
 
 def non_finite(steps, series):
-    bad = {name: {s for s, v in zip(steps, series.get(name, [])) if v is not None and not math.isfinite(v)}
-           for name in (M.LOSS, M.GRAD_NORM)}
+    bad = {
+        name: {s for s, v in zip(steps, series.get(name, [])) if v is not None and not math.isfinite(v)}
+        for name in (M.LOSS, M.GRAD_NORM)
+    }
     hit = sorted(bad[M.LOSS] | bad[M.GRAD_NORM])
     if not hit:
         return None
     names = " and ".join(n for n in (M.LOSS, M.GRAD_NORM) if bad[n])
     shown = ", ".join(map(str, hit[-5:])) + (" ..." if len(hit) > 5 else "")
     latest = hit[-1] == steps[-1]  # still happening now: an error, else a reminder
-    return Alert("non_finite", "error" if latest else "warning",
-                 f"{names} NaN at {len(hit)} step(s) ({shown}): those updates were skipped")
+    return Alert(
+        "non_finite",
+        "error" if latest else "warning",
+        f"{names} NaN at {len(hit)} step(s) ({shown}): those updates were skipped",
+    )
 
 
 def zero_std(steps, series):
     recent = series.get(M.FRAC_REWARD_ZERO_STD, [])[-ZERO_STD_STEPS:]
     if len(recent) < ZERO_STD_STEPS or any(not _ok(v) or v <= ZERO_STD_LIMIT for v in recent):
         return None
-    return Alert("zero_std", "warning",
-                 f"most groups had identical rewards for {ZERO_STD_STEPS}+ steps ({recent[-1]:.0%} in the last): "
-                 "they teach nothing (tasks too easy or too hard? try a larger group, temperature or dynamic sampling)")
+    return Alert(
+        "zero_std",
+        "warning",
+        f"most groups had identical rewards for {ZERO_STD_STEPS}+ steps ({recent[-1]:.0%} in the last): "
+        "they teach nothing (tasks too easy or too hard? try a larger group, temperature or dynamic sampling)",
+    )
 
 
 def kl_jump(steps, series):
@@ -83,9 +91,12 @@ def kl_jump(steps, series):
     typical = median(baseline)
     now = values[-1]
     if now > KL_JUMP_FACTOR * typical and now - typical >= KL_JUMP_MIN:
-        return Alert("kl_jump", "warning",
-                     f"KL jumped to {now:.4g} (recent median {typical:.4g}): the policy is moving fast; "
-                     "consider a lower learning rate or a larger beta")
+        return Alert(
+            "kl_jump",
+            "warning",
+            f"KL jumped to {now:.4g} (recent median {typical:.4g}): the policy is moving fast; "
+            "consider a lower learning rate or a larger beta",
+        )
     return None
 
 
@@ -93,9 +104,11 @@ def all_clipped(steps, series):
     values = series.get(M.CLIPPED_RATIO, [])
     if not values or not _ok(values[-1]) or values[-1] < CLIPPED_LIMIT:
         return None
-    return Alert("all_clipped", "warning",
-                 f"{values[-1]:.0%} of completions hit the length limit: raise max_completion_length "
-                 "or reward shorter answers")
+    return Alert(
+        "all_clipped",
+        "warning",
+        f"{values[-1]:.0%} of completions hit the length limit: raise max_completion_length or reward shorter answers",
+    )
 
 
 def reward_without_correctness(steps, series):
@@ -119,7 +132,10 @@ def reward_without_correctness(steps, series):
         moved = rise(series[name])
         if moved is not None and moved <= ACCURACY_FLAT:
             fn = M.reward_function_of(name)
-            return Alert("reward_without_correctness", "warning",
-                         f"reward rose {reward_rise:+.3f} over the last {TREND_WINDOW} steps while {fn} moved "
-                         f"{moved:+.3f}: another reward may be gamed")
+            return Alert(
+                "reward_without_correctness",
+                "warning",
+                f"reward rose {reward_rise:+.3f} over the last {TREND_WINDOW} steps while {fn} moved "
+                f"{moved:+.3f}: another reward may be gamed",
+            )
     return None

@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from grpo_mlx.events import Event
 from grpo_mlx import metric_names as M
+from grpo_mlx.events import Event
 
 # Keep the samples of this many recent steps (each holds full completion texts).
 MAX_SAMPLE_STEPS = 2000
@@ -153,9 +153,11 @@ def describe(event: Event) -> str | None:
     if kind == "start":
         cfg = event.get("config") or {}
         resumed = f", resuming at step {event['start_step']}" if event.get("start_step") else ""
-        return (f"run directory {event.get('run_dir')}{resumed}\n  model {event.get('model')}  |  "
-                f"B={cfg.get('batch_size')} G={cfg.get('group_size')} loss={cfg.get('loss_type')} "
-                f"beta={cfg.get('beta')}  |  BLAS: {event.get('blas')}")
+        return (
+            f"run directory {event.get('run_dir')}{resumed}\n  model {event.get('model')}  |  "
+            f"B={cfg.get('batch_size')} G={cfg.get('group_size')} loss={cfg.get('loss_type')} "
+            f"beta={cfg.get('beta')}  |  BLAS: {event.get('blas')}"
+        )
     if kind == "message":
         return f"{event.get('level', 'info')}: {event.get('text')}"
     if kind == "eval":

@@ -33,9 +33,17 @@ CHART_MIN_WIDTH = 36  # cells; the grid shows as many columns as fit
 LABEL_WIDTH = 10  # y-axis labels: compact() numbers are at most 9 characters
 
 STATUS_STYLE = {
-    "ready": "dim", "loading": "yellow", "running": "bold green", "pausing": "yellow", "paused": "bold yellow",
-    "stopping": "yellow", "finished": "bold cyan", "stopped": "bold yellow", "failed": "bold red",
-    "interrupted": "bold red", "waiting": "dim",
+    "ready": "dim",
+    "loading": "yellow",
+    "running": "bold green",
+    "pausing": "yellow",
+    "paused": "bold yellow",
+    "stopping": "yellow",
+    "finished": "bold cyan",
+    "stopped": "bold yellow",
+    "failed": "bold red",
+    "interrupted": "bold red",
+    "waiting": "dim",
 }
 
 
@@ -171,8 +179,12 @@ class HealthPanel(Static):
         if not alerts:
             self.update(Text(" ✓ no warnings", style="green"))
             return
-        lines = [Text(f" {'✖' if a.level == 'error' else '⚠'} {a.text}", style="bold red" if a.level == "error" else "yellow")
-                 for a in alerts]
+        lines = [
+            Text(
+                f" {'✖' if a.level == 'error' else '⚠'} {a.text}", style="bold red" if a.level == "error" else "yellow"
+            )
+            for a in alerts
+        ]
         self.update(Text("\n").join(lines))
 
 
@@ -252,8 +264,12 @@ class SamplesPanel(Static):
                     head.append(" (cut)", style="yellow")
                 parts.append(head)
                 text = c.get("text", "")
-                parts.append(Text("     " + text.replace("\n", "\n     ") if text else "     (empty)",
-                                  style="" if text else "dim italic"))
+                parts.append(
+                    Text(
+                        "     " + text.replace("\n", "\n     ") if text else "     (empty)",
+                        style="" if text else "dim italic",
+                    )
+                )
         self.update(Text("\n").join(parts))
 
 

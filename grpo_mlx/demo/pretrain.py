@@ -45,8 +45,7 @@ SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
 CHARACTERS = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
 PAD_ID, EOS_ID = 0, 1
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['content'] }}{% endfor %}"
-    "{% if add_generation_prompt %}={% endif %}"
+    "{% for message in messages %}{{ message['content'] }}{% endfor %}{% if add_generation_prompt %}={% endif %}"
 )
 MAX_NEW_TOKENS = 5  # longest answer (3 digits) + EOS, and one to spare
 CARRY_SLIP = 0.6  # share of carry problems whose training answer forgets the carry
@@ -245,7 +244,10 @@ def pretrain(
 
     tokens, mask = training_arrays(tokenizer, train)  # (N, L), (N, L)
     schedule = optim.join_schedules(
-        [optim.linear_schedule(1e-6, learning_rate, warmup), optim.cosine_decay(learning_rate, steps, learning_rate / 10)],
+        [
+            optim.linear_schedule(1e-6, learning_rate, warmup),
+            optim.cosine_decay(learning_rate, steps, learning_rate / 10),
+        ],
         [warmup],
     )
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
@@ -261,7 +263,10 @@ def pretrain(
         mx.eval(state, loss)
         if it % eval_every == 0 or it == steps:
             acc = greedy_accuracy(model, tokenizer, splits["test"])
-            print(f"step {it:5d}  loss {loss.item():.4f}  test acc {acc:.3f}  {time.perf_counter() - start:6.1f}s", flush=True)
+            print(
+                f"step {it:5d}  loss {loss.item():.4f}  test acc {acc:.3f}  {time.perf_counter() - start:6.1f}s",
+                flush=True,
+            )
     save_model(model, out)
     acc = greedy_accuracy(model, tokenizer, splits["test"])
     stats = group_stats(model, tokenizer, splits["test"])

@@ -28,6 +28,16 @@ from grpo_mlx.rewards.loading import resolve_reward
 from grpo_mlx.rewards.scoring import RewardResult, compute_rewards
 
 __all__ = [
-    "BUILTIN_REWARDS", "RewardFn", "RewardFunctionError", "RewardResult", "RewardSpecError", "accuracy_reward",
-    "answers_match", "completion_text", "compute_rewards", "extract_answer", "format_reward", "resolve_reward",
+    "BUILTIN_REWARDS",
+    "RewardFn",
+    "RewardFunctionError",
+    "RewardResult",
+    "RewardSpecError",
+    "accuracy_reward",
+    "answers_match",
+    "completion_text",
+    "compute_rewards",
+    "extract_answer",
+    "format_reward",
+    "resolve_reward",
 ]

@@ -52,7 +52,7 @@ def _clean(answer: str) -> str:
 def _last_hashes(text: str) -> str | None:
     # "#### x" is also a markdown heading; trust it only if x is a number or ends the text.
     match = ([None] + list(_HASHES.finditer(text)))[-1]
-    if match and (_to_number(match[1]) is not None or not text[match.end():].strip()):
+    if match and (_to_number(match[1]) is not None or not text[match.end() :].strip()):
         return match[1]
     return None
 
@@ -60,9 +60,12 @@ def _last_hashes(text: str) -> str | None:
 def extract_answer(text: str) -> str | None:
     """Final answer: last \\boxed{}, else `#### x`, else last <answer>, else the last number."""
     text = completion_text(text)
-    for found in (_last_boxed(text), _last_hashes(text),
-                  (_ANSWER_TAG.findall(text) or [None])[-1],
-                  (_NUMBER.findall(text) or [None])[-1]):
+    for found in (
+        _last_boxed(text),
+        _last_hashes(text),
+        (_ANSWER_TAG.findall(text) or [None])[-1],
+        (_NUMBER.findall(text) or [None])[-1],
+    ):
         if found is not None and _clean(found):
             return _clean(found)
     return None

@@ -24,17 +24,24 @@ RewardFn = Callable[..., list]
 
 
 def _missing(reference: Any) -> bool:
-    return (reference is None or (isinstance(reference, str) and not reference.strip())
-            or (isinstance(reference, float) and math.isnan(reference)))  # pandas' empty cell
+    return (
+        reference is None
+        or (isinstance(reference, str) and not reference.strip())
+        or (isinstance(reference, float) and math.isnan(reference))
+    )  # pandas' empty cell
 
 
 def accuracy_reward(column: str = "answer", **_) -> RewardFn:
     """1.0 if the extracted answer matches the `column` value, 0.0 if not, None if no answer."""
+
     def accuracy(prompts, completions, **kwargs):
         answers = kwargs.get(column)
         answers = [None] * len(completions) if answers is None else answers
-        return [None if _missing(ref) else float(answers_match(extract_answer(completion_text(c)), ref))
-                for c, ref in zip(completions, answers, strict=True)]
+        return [
+            None if _missing(ref) else float(answers_match(extract_answer(completion_text(c)), ref))
+            for c, ref in zip(completions, answers, strict=True)
+        ]
+
     return accuracy
 
 
@@ -43,17 +50,21 @@ def _format_rules(text: str) -> list[bool]:
     think = list(re.finditer(r"<think>.*?</think>", text, re.DOTALL))
     answer = list(re.finditer(r"<answer>.*?</answer>", text, re.DOTALL))
     # Counting the bare tags as well rejects nested or stray tags ("<think>a<think>b</think>").
-    return [text.count("<think>") == text.count("</think>") == len(think) == 1,
-            text.count("<answer>") == text.count("</answer>") == len(answer) == 1,
-            bool(think and answer and think[0].end() <= answer[0].start()),
-            not re.sub(r"<think>.*?</think>|<answer>.*?</answer>", "", text, flags=re.DOTALL).strip()]
+    return [
+        text.count("<think>") == text.count("</think>") == len(think) == 1,
+        text.count("<answer>") == text.count("</answer>") == len(answer) == 1,
+        bool(think and answer and think[0].end() <= answer[0].start()),
+        not re.sub(r"<think>.*?</think>|<answer>.*?</answer>", "", text, flags=re.DOTALL).strip(),
+    ]
 
 
 def format_reward(soft: bool = False, **_) -> RewardFn:
     """1.0 when all format rules hold, else 0.0; soft=True gives 0.25 per rule that holds."""
+
     def format(prompts, completions, **kwargs):
         rules = [_format_rules(completion_text(c)) for c in completions]
         return [sum(r) / len(r) if soft else float(all(r)) for r in rules]
+
     return format
 
 
@@ -82,8 +93,11 @@ def overlong_reward(max_completion_length: int | None = None, cache_length: int 
         raise RewardSpecError(f"reward 'overlong' needs cache_length >= 1, got {cache_length}")
 
     def overlong(prompts, completions, **kwargs):
-        return [0.0 if n <= l_max - l_cache else (l_max - l_cache - n) / l_cache if n <= l_max else -1.0
-                for n in _token_counts(kwargs, "overlong")]
+        return [
+            0.0 if n <= l_max - l_cache else (l_max - l_cache - n) / l_cache if n <= l_max else -1.0
+            for n in _token_counts(kwargs, "overlong")
+        ]
+
     return overlong
 
 
@@ -93,6 +107,7 @@ def length_reward(max_completion_length: int | None = None, **_) -> RewardFn:
 
     def length(prompts, completions, **kwargs):
         return [-min(n, l_max) / l_max for n in _token_counts(kwargs, "length")]
+
     return length
 
 
@@ -113,7 +128,9 @@ def digit_steps_reward(column: str = "answer", **_) -> RewardFn:
             raw, ref = completion_text(completion), str(answer).strip()
             lead = len(raw) - len(raw.lstrip())  # offsets count in the completion as written
             text = raw.strip()
-            out.append([(lead + i + 1, 1.0 if i < len(ref) and ch == ref[i] else 0.0) for i, ch in enumerate(text)] or None)
+            out.append(
+                [(lead + i + 1, 1.0 if i < len(ref) and ch == ref[i] else 0.0) for i, ch in enumerate(text)] or None
+            )
         return out
 
     return digit_steps
@@ -127,7 +144,11 @@ def code_reward(**options) -> RewardFn:
 
 
 BUILTIN_REWARDS: dict[str, Callable[..., RewardFn]] = {
-    "accuracy": accuracy_reward, "format": format_reward, "format_soft": format_soft_reward,
-    "overlong": overlong_reward, "length": length_reward, "code": code_reward,
+    "accuracy": accuracy_reward,
+    "format": format_reward,
+    "format_soft": format_soft_reward,
+    "overlong": overlong_reward,
+    "length": length_reward,
+    "code": code_reward,
     "digit_steps": digit_steps_reward,
 }

@@ -13,7 +13,6 @@ from pathlib import Path
 from grpo_mlx.rewards.builtin import BUILTIN_REWARDS, RewardFn
 from grpo_mlx.rewards.errors import RewardSpecError
 
-
 # Resolving a spec: "accuracy", "path/to/file.py:fn" or "package.module:fn"
 
 
@@ -58,6 +57,7 @@ def _import_module(spec: str, dotted: str):
 
 def _suggest(name: str, choices: list[str]) -> str:
     import difflib  # only on the error path
+
     # difflib misses a mere prefix ("shout" for "shout_reward"); look for one of those too.
     close = difflib.get_close_matches(name, choices, n=1) or [c for c in choices if c.startswith(name)]
     return f"did you mean {close[0]!r}? " if close else ""
@@ -69,9 +69,12 @@ def resolve_reward(spec: str, **options) -> tuple[str, RewardFn]:
     if spec in BUILTIN_REWARDS:
         return spec, BUILTIN_REWARDS[spec](**options)
     if ":" not in spec:
-        hint = ("name the function: file.py:function" if spec.endswith(".py") else
-                f"unknown built-in reward; {_suggest(spec, list(BUILTIN_REWARDS))}built-ins: "
-                f"{', '.join(BUILTIN_REWARDS)}; custom: path/to/file.py:function or package.module:function")
+        hint = (
+            "name the function: file.py:function"
+            if spec.endswith(".py")
+            else f"unknown built-in reward; {_suggest(spec, list(BUILTIN_REWARDS))}built-ins: "
+            f"{', '.join(BUILTIN_REWARDS)}; custom: path/to/file.py:function or package.module:function"
+        )
         raise RewardSpecError(f"reward {spec!r}: {hint}")
     target, attr = spec.rsplit(":", 1)
     if not attr.isidentifier():
@@ -79,10 +82,16 @@ def resolve_reward(spec: str, **options) -> tuple[str, RewardFn]:
     is_file = target.endswith(".py") or "/" in target or os.sep in target
     module = _load_file(spec, Path(target).expanduser()) if is_file else _import_module(spec, target)
     if not hasattr(module, attr):
-        defined = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
-                         and getattr(v, "__module__", None) == module.__name__)
-        listing = f"it defines: {', '.join(defined)}" if 0 < len(defined) <= 12 else (
-            "it defines no functions" if not defined else f"it defines {len(defined)} callables")
+        defined = sorted(
+            n
+            for n, v in vars(module).items()
+            if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == module.__name__
+        )
+        listing = (
+            f"it defines: {', '.join(defined)}"
+            if 0 < len(defined) <= 12
+            else ("it defines no functions" if not defined else f"it defines {len(defined)} callables")
+        )
         raise RewardSpecError(f"reward {spec!r}: no {attr!r} in {target}; {_suggest(attr, defined)}{listing}")
     fn = getattr(module, attr)
     if not callable(fn):

@@ -20,7 +20,6 @@ from grpo_mlx.rewards.answers import completion_text
 from grpo_mlx.rewards.builtin import RewardFn
 from grpo_mlx.rewards.errors import RewardFunctionError
 
-
 # Scoring a batch
 
 
@@ -39,15 +38,22 @@ class RewardResult:
         return self.total + sum(w * np.nan_to_num(self.per_function[name]) for name, w in self.step_weights.items())
 
     def select(self, rows: slice) -> RewardResult:
-        return RewardResult({k: v[rows] for k, v in self.per_function.items()}, self.total[rows],
-                            {k: v[rows] for k, v in self.steps.items()}, self.step_weights)
+        return RewardResult(
+            {k: v[rows] for k, v in self.per_function.items()},
+            self.total[rows],
+            {k: v[rows] for k, v in self.steps.items()},
+            self.step_weights,
+        )
 
     @staticmethod
     def concat(parts: list[RewardResult]) -> RewardResult:
         first = parts[0]
-        return RewardResult({k: np.concatenate([p.per_function[k] for p in parts]) for k in first.per_function},
-                            np.concatenate([p.total for p in parts]),
-                            {k: [s for p in parts for s in p.steps[k]] for k in first.steps}, first.step_weights)
+        return RewardResult(
+            {k: np.concatenate([p.per_function[k] for p in parts]) for k in first.per_function},
+            np.concatenate([p.total for p in parts]),
+            {k: [s for p in parts for s in p.steps[k]] for k in first.steps},
+            first.step_weights,
+        )
 
 
 def _preview(completions: list, index: int) -> str:
@@ -76,6 +82,7 @@ def _validate(name: str, values: Any, completions: list, delimiter: str = "\n"):
     """Check one function's result. Returns (N,) floats and, for a process reward (a list of
     step rewards for some completion), the steps of every completion (else None)."""
     n = len(completions)
+
     def fail(message: str, i: int | None = None) -> RewardFunctionError:
         text = _preview(completions, i or 0)
         where = "" if i is None else f" (on completion: {text[:200]!r})"
@@ -139,9 +146,14 @@ def _call_with_timeout(fn: RewardFn, timeout: float | None, **kwargs):
     return result["value"]
 
 
-def compute_rewards(reward_fns: list[tuple[str, RewardFn]], weights: list[float] | None,
-                    prompts: list, completions: list, columns: dict[str, list],
-                    timeout: float | None = None) -> RewardResult:
+def compute_rewards(
+    reward_fns: list[tuple[str, RewardFn]],
+    weights: list[float] | None,
+    prompts: list,
+    completions: list,
+    columns: dict[str, list],
+    timeout: float | None = None,
+) -> RewardResult:
     """Call each function once on the whole batch (at most `timeout` seconds each); validate;
     weighted sum with None as 0."""
     weights = [1.0] * len(reward_fns) if weights is None else list(weights)
@@ -161,8 +173,9 @@ def compute_rewards(reward_fns: list[tuple[str, RewardFn]], weights: list[float]
             values = _call_with_timeout(fn, timeout, prompts=prompts, completions=completions, **columns)
         except Exception as e:
             text = _preview(completions, 0)
-            raise RewardFunctionError(f"reward function {name!r} failed: {type(e).__name__}: {e} "
-                                      f"(on completion: {text[:200]!r})", name, text) from e
+            raise RewardFunctionError(
+                f"reward function {name!r} failed: {type(e).__name__}: {e} (on completion: {text[:200]!r})", name, text
+            ) from e
         per_function[key], fn_steps = _validate(name, values, completions, getattr(fn, "step_delimiter", "\n"))
         if fn_steps is not None:  # enters the advantages per token, not the outcome total
             steps[key], step_weights[key] = fn_steps, weight
