@@ -155,7 +155,8 @@ def read_allow_list() -> list[str]:
     system = ["/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/etc/ld.so.cache", "/etc/localtime"]
     if sys.platform == "darwin":
         system = ["/usr/lib", "/usr/share", "/System", "/private/var/db/dyld", "/dev"]
-    return [p for p in system if os.path.lexists(p)] + ([prefix] if not prefix.startswith("/usr/") else [])
+    inside = any(prefix == p or prefix.startswith(p + "/") for p in system)
+    return [p for p in system if os.path.lexists(p)] + ([] if inside else [prefix])
 
 
 _probed: dict[str, str] = {}
