@@ -221,8 +221,8 @@ def host():
         s.close()
     shutil.rmtree(outside, ignore_errors=True)
     os.remove(secret)
-    for path in state["homes"]:
-        os.remove(path)
+    for path in state["homes"]:  # planted secrets and the unprivileged user's package copy
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 def _attack_results(host, user: str) -> dict:
@@ -244,6 +244,7 @@ def _attack_results(host, user: str) -> dict:
     pkg, cmd = str(PROJECT), [sys.executable, "-c", RUNNER]
     if user != "root":  # a copy of the three modules the sandbox needs, run by the system Python
         pkg = tempfile.mkdtemp(prefix="grpo-sbx-pkg-")
+        host["homes"].append(pkg)
         os.mkdir(os.path.join(pkg, "grpo_mlx"))
         Path(pkg, "grpo_mlx", "__init__.py").write_text("")
         for name in ("errors.py", "sandbox.py", "sandbox_profiles.py"):
