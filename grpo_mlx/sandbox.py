@@ -1,90 +1,132 @@
-"""Run model-written Python against tests, in a separate, limited process.
+"""Run model-written Python inside an operating-system sandbox, and judge it against tests.
 
-What confines the child, where the OS allows it:
-- an audit hook (PEP 578) installed before the code runs: starting processes, forking, opening
-  sockets, sending signals and writing files outside the working directory end the program at
-  once with status 99, so such a completion is scored as failing even when its tests would pass;
-- its own process group, killed whole at the time limit (endless loops, forked children);
-- resource limits: CPU seconds, address space, file size, open files, processes, no core dumps;
-- a fresh temporary directory as cwd and HOME, a minimal environment, `python -I` (no user site,
-  no PYTHON* variables, the script's directory not on sys.path);
-- when run as root on Linux: a new network namespace (no network at all) and the uid of `nobody`,
-  so the process limit applies (it does not bind root) and the project's files are read-only.
-On macOS the address-space limit is not enforced and there are no namespaces; the time limit,
-process group and temporary directory still hold. Not a security boundary against a determined
-attacker with kernel exploits: a guard against the accidents and tricks of generated code.
+The wall is the OS, not Python (an audit hook is bypassed by ctypes and by patching it):
+- Linux: bubblewrap. New user, pid, network, ipc, uts and cgroup namespaces (no network at
+  all; signals reach only the sandbox's own processes); a root of nothing but read-only binds
+  of an allow-list (/usr, /lib*, the base interpreter's prefix without its site-packages,
+  ld.so.cache, localtime) and a size-limited tmpfs as the work dir, the only writable place;
+  no /proc, no /tmp, no home, no project; a seccomp filter that refuses to start processes
+  (bounds fork bombs even as root, where RLIMIT_NPROC does not apply); --die-with-parent.
+- macOS: `sandbox-exec` with a generated Seatbelt profile (grpo_mlx/sandbox_profiles.py).
+- Both: CPU, address-space, file-size and open-file limits, set by the harness before any
+  model code runs; a wall-clock limit that kills the whole tree; bounded output capture.
+Without an OS sandbox nothing runs: `backend()` raises, naming what to install, unless
+GRPO_MLX_UNSAFE_NO_SANDBOX=1 (rlimits only, with a warning).
+
+The verdict of `run_tests` is not the exit status nor anything printed: the harness runs every
+test statement and only then reads a per-run random token from an inherited descriptor and
+writes it on a second one that only the parent reads. Limits: the solution runs in the same
+interpreter, so code that knows this protocol can read the token descriptor itself.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
-import ctypes
 import os
+import platform
 import re
+import secrets
+import selectors
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
-CLONE_NEWNET = 0x40000000
-NOBODY = 65534
-BLOCKED_EXIT = 99
-BLOCKED_EVENTS = {
-    "os.system",
-    "os.fork",
-    "os.forkpty",
-    "os.exec",
-    "os.posix_spawn",
-    "os.spawn",
-    "os.kill",
-    "os.killpg",
-    "subprocess.Popen",
-    "socket.connect",
-    "socket.bind",
-    "socket.sendto",
-    "pty.spawn",
-    "os.chmod",
-    "os.chown",
-    "shutil.rmtree",
-    "os.remove",
-    "os.rename",
-    "os.rmdir",
-}
-# Runs first in the child: install the hook, then run the solution as __main__.
-GUARD = f"""
-import os, sys
-ROOT = os.path.realpath(os.getcwd())
-BLOCKED = {sorted(BLOCKED_EVENTS)!r}
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+from grpo_mlx.errors import UserError
+from grpo_mlx.sandbox_profiles import seatbelt_profile, seccomp_filter
 
-def stop(what):
-    sys.stderr.write("sandbox: blocked " + what + "\\n")
-    sys.stderr.flush()
-    os._exit({BLOCKED_EXIT})
-
-def guard(event, args):
-    if event in BLOCKED:
-        stop(event)
-    if event == "open" and isinstance(args[0], (str, bytes)):
-        mode, flags = args[1], args[2]
-        writes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & WRITE_FLAGS)
-        path = os.fsdecode(args[0])
-        if writes and not os.path.realpath(path).startswith(ROOT + os.sep):
-            stop("write to " + path)
-
-sys.addaudithook(guard)
-import runpy
-runpy.run_path(sys.argv[1], run_name="__main__")
-"""
+UNSAFE_ENV = "GRPO_MLX_UNSAFE_NO_SANDBOX"
+BOX = "/box"  # the work dir inside the Linux sandbox
 FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
+# Runs first in the child, as `python -I -S -B -c HARNESS mode limits... token_fd verdict_fd`.
+HARNESS = r"""
+import ast, builtins, os, resource, sys
+def main():
+    mode, *nums = sys.argv[1:]
+    cpu, mem, fsize, nofile, token_fd, verdict_fd = map(int, nums)
+    for kind, soft, hard in ((resource.RLIMIT_CPU, cpu, cpu + 1), (resource.RLIMIT_AS, mem, mem),
+                             (resource.RLIMIT_FSIZE, fsize, fsize), (resource.RLIMIT_CORE, 0, 0)):
+        try:
+            resource.setrlimit(kind, (soft, hard))
+        except (ValueError, OSError):
+            pass  # macOS does not enforce RLIMIT_AS
+    keep = sorted({token_fd, verdict_fd})
+    os.closerange(3, keep[0]); os.closerange(keep[0] + 1, keep[-1]); os.closerange(keep[-1] + 1, 4096)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+    ns = {"__name__": "__main__", "__builtins__": builtins}
+    with open("main.py", encoding="utf-8") as f:
+        source = f.read()
+    if mode == "run":
+        exec(compile(source, "main.py", "exec"), ns)
+        return
+    read, write, stop, exec_, compile_ = os.read, os.write, os._exit, exec, compile
+    pristine = dict(vars(builtins))
+    with open(".tests.py", encoding="utf-8") as f:  # compiled before the solution can touch it
+        tests = [(s.lineno, compile_(ast.Module([s], []), "tests", "exec")) for s in ast.parse(f.read()).body]
+    os.remove(".tests.py")
+    del sys.settrace, sys.setprofile  # a tracer could jump over a test's asserts
+    def fail(why):
+        write(verdict_fd, ("FAIL " + why.replace("\n", " ")[:300] + "\n").encode())
+        stop(1)
+    try:
+        exec_(compile_(source, "main.py", "exec"), ns)
+    except BaseException as e:  # SystemExit too: leaving early is failing
+        fail("the solution raised " + type(e).__name__ + ": " + str(e))
+    # The tests see the solution's names, not its shadowing of builtins nor a patched builtins module.
+    scope = {k: v for k, v in ns.items() if k not in pristine}
+    scope.update(__name__="__main__", __builtins__=pristine)
+    for i, (line, code) in enumerate(tests):
+        try:
+            exec_(code, scope)
+        except BaseException as e:
+            fail("test " + str(i + 1) + " (line " + str(line) + ") raised " + type(e).__name__ + ": " + str(e))
+    token = read(token_fd, 64).decode()  # only now, after the last test
+    write(verdict_fd, ("PASS " + token + " " + str(len(tests)) + "\n").encode())
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    stop(0)
+main()
+"""
+
+
+class SandboxUnavailable(UserError, RuntimeError):
+    """No OS sandbox can be used here; generated code is not run with less."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    timeout: float = 5.0  # wall-clock seconds; the whole process tree is killed after
+    memory_mb: int = 512  # address space
+    file_mb: int = 16  # largest file written
+    disk_mb: int = 64  # the work dir's tmpfs (Linux)
+    open_files: int = 64
+    output_bytes: int = 64_000  # captured per stream; more output kills the run
 
 
 @dataclass
 class RunResult:
-    passed: bool
-    reason: str  # "passed", "failed", "timeout", "blocked"
-    output: str  # the tail of stdout + stderr
+    status: str  # "ok" | "error" (non-zero exit) | "timeout" | "killed" (signal, limit) | "blocked" (seccomp)
+    exit_code: int | None  # None when killed by a signal
+    stdout: str
+    stderr: str
+    duration: float  # seconds
+    reason: str = ""
+
+
+@dataclass
+class TestVerdict:
+    passed: bool  # the harness ran every test and proved it with the run's token
+    n_tests: int  # test statements (top-level statements of the tests) that ran to their end
+    reason: str
+    run: RunResult | None = field(default=None, repr=False)
 
 
 def extract_code(text: str) -> str:
@@ -93,111 +135,302 @@ def extract_code(text: str) -> str:
     return blocks[-1] if blocks else text
 
 
-def _others_can_run(path: str) -> bool:
-    """Whether a user with no rights of its own (nobody) can execute `path`."""
-    path = os.path.realpath(path)
-    parts = path.split(os.sep)
-    for i in range(2, len(parts)):
-        if not os.stat(os.sep.join(parts[:i])).st_mode & 0o001:
-            return False
-    return os.stat(path).st_mode & 0o005 == 0o005
+# ---------------------------------------------------------------------------------------------
+# Which sandbox, and what it lets the child read
 
 
-def interpreter(drop_privileges: bool) -> str:
-    """The Python that runs generated code. As root we switch to `nobody`, who may not reach a
-    virtualenv under /root: then the system Python runs it (the code needs only the stdlib)."""
-    if not drop_privileges or _others_can_run(sys.executable):
-        return sys.executable
-    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3"):
-        if os.path.exists(candidate) and _others_can_run(candidate):
-            return candidate
-    raise RuntimeError(
-        "no Python interpreter that the unprivileged user 'nobody' can run; "
-        "install python3 system-wide or run grpo-mlx as a normal user"
-    )
-
-
-def _drop_privileges() -> bool:
-    return sys.platform.startswith("linux") and os.geteuid() == 0
-
-
-def _limit(cpu_seconds: int, memory_mb: int, max_processes: int):
-    def apply():
-        import resource
-
-        os.setsid()
-        limits = [
-            (resource.RLIMIT_CPU, cpu_seconds),
-            (resource.RLIMIT_FSIZE, 16 * 2**20),
-            (resource.RLIMIT_NOFILE, 64),
-            (resource.RLIMIT_CORE, 0),
-        ]
-        if sys.platform.startswith("linux"):
-            limits.append((resource.RLIMIT_AS, memory_mb * 2**20))
-        for kind, value in limits:
-            with contextlib.suppress(ValueError, OSError):
-                resource.setrlimit(kind, (value, value))
-        if _drop_privileges():
-            ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWNET)  # no network; best effort
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NPROC, (max_processes, max_processes))
-
-    return apply
-
-
-def run_python(
-    code: str, tests: str = "", timeout: float = 5.0, memory_mb: int = 512, max_processes: int = 16
-) -> RunResult:
-    """Run `code` followed by `tests` (e.g. asserts); passed means exit status 0 in time."""
-    with tempfile.TemporaryDirectory(prefix="grpo-mlx-sandbox-") as work:
-        os.chmod(work, 0o777)  # writable for `nobody` too
-        script = os.path.join(work, "solution.py")
-        with open(script, "w", encoding="utf-8") as f:
-            f.write(code + "\n\n" + tests + "\n")
-        guard = os.path.join(work, "_guard.py")
-        with open(guard, "w", encoding="utf-8") as f:
-            f.write(GUARD)
-        env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}
-        proc = subprocess.Popen(
-            [interpreter(_drop_privileges()), "-I", "-B", guard, script],
-            cwd=work,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_limit(int(timeout) + 1, memory_mb, max_processes),
+def _base_python() -> tuple[str, str]:
+    """(real base prefix, interpreter inside it). Never the venv: it lives inside the project."""
+    prefix = os.path.realpath(sys.base_prefix)
+    exe = os.path.realpath(sys.executable)
+    if not exe.startswith(prefix + os.sep):  # a venv made with --copies
+        exe = os.path.join(prefix, "bin", f"python{sys.version_info[0]}.{sys.version_info[1]}")
+    if not os.access(exe, os.X_OK):
+        raise SandboxUnavailable(
+            f"the sandbox needs the base interpreter of {sys.executable}, and {exe} is not executable"
         )
-        try:
-            out, _ = proc.communicate(timeout=timeout)
-            reason = {0: "passed", BLOCKED_EXIT: "blocked"}.get(proc.returncode, "failed")
-        except subprocess.TimeoutExpired:
-            out, reason = b"", "timeout"
-        finally:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)  # the child and anything it forked
-            proc.wait()
-        return RunResult(reason == "passed", reason, out.decode("utf-8", "replace")[-2000:])
+    return prefix, exe
+
+
+def read_allow_list() -> list[str]:
+    """Paths the child may read: system libraries and the base interpreter (stdlib only)."""
+    prefix, _ = _base_python()
+    system = ["/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/etc/ld.so.cache", "/etc/localtime"]
+    if sys.platform == "darwin":
+        system = ["/usr/lib", "/usr/share", "/System", "/private/var/db/dyld", "/dev"]
+    inside = any(prefix == p or prefix.startswith(p + "/") for p in system)
+    return [p for p in system if os.path.lexists(p)] + ([] if inside else [prefix])
+
+
+_probed: dict[str, str] = {}
+
+
+def backend() -> str:
+    """ "bwrap", "seatbelt" or "unsafe"; raises SandboxUnavailable (one sentence saying what to
+    install) where no OS sandbox works. Probes once per process by running a trivial program."""
+    if os.environ.get(UNSAFE_ENV) == "1":
+        if "unsafe" not in _probed:
+            sys.stderr.write(
+                f"warning: {UNSAFE_ENV}=1: generated code runs WITHOUT an OS sandbox "
+                "(only resource limits); it can read your files and use the network\n"
+            )
+            _probed["unsafe"] = "unsafe"
+        return "unsafe"
+    if sys.platform.startswith("linux"):
+        kind, tool, hint = "bwrap", shutil.which("bwrap"), "install bubblewrap (apt-get install bubblewrap)"
+    elif sys.platform == "darwin":
+        kind, tool, hint = (
+            "seatbelt",
+            shutil.which("sandbox-exec"),
+            "sandbox-exec (/usr/bin/sandbox-exec, part of macOS) is missing",
+        )
+    else:
+        kind, tool, hint = "", None, f"there is no OS sandbox for {sys.platform}"
+    if tool is None:
+        raise SandboxUnavailable(
+            f"the code reward runs generated Python in an OS sandbox and none is available: {hint}, "
+            f"or set {UNSAFE_ENV}=1 to run it without isolation"
+        )
+    if tool not in _probed:
+        result = _run(kind, tool, "pass", "", {}, Limits(timeout=20), None)
+        if result.status != "ok":
+            why = (result.stderr.strip().splitlines() or [result.reason or result.status])[-1]
+            raise SandboxUnavailable(
+                f"{tool} cannot create a sandbox here ({why}); allow unprivileged user namespaces "
+                f"(sysctl kernel.unprivileged_userns_clone=1) or set {UNSAFE_ENV}=1"
+            )
+        _probed[tool] = kind
+    return kind
+
+
+def _bwrap_argv(tool: str, files: dict[str, int], seccomp_fd: int, limits: Limits) -> list[str]:
+    prefix, exe = _base_python()
+    argv = [
+        tool,
+        "--unshare-all",
+        "--unshare-user",
+        "--disable-userns",
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+        "--uid",
+        "65534",
+        "--gid",
+        "65534",
+        "--hostname",
+        "sandbox",
+    ]
+    for path in read_allow_list():
+        link = os.path.islink(path) and os.path.dirname(path) == "/"  # /lib -> usr/lib on merged-/usr systems
+        argv += ["--symlink", os.readlink(path), path] if link else ["--ro-bind", path, path]
+    site = os.path.join(prefix, "lib", f"python{sys.version_info[0]}.{sys.version_info[1]}", "site-packages")
+    if os.path.isdir(site):  # the stdlib is enough; the packages installed there stay unseen
+        argv += ["--tmpfs", site, "--remount-ro", site]
+    argv += [
+        "--dev",
+        "/dev",
+        "--size",
+        str(limits.disk_mb * 2**20),
+        "--tmpfs",
+        BOX,
+        "--chdir",
+        BOX,
+        "--seccomp",
+        str(seccomp_fd),
+    ]
+    for name, fd in files.items():
+        argv += ["--file", str(fd), f"{BOX}/{name}"]
+    return argv + [exe]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def _data_fd(data: bytes) -> int:
+    """A readable descriptor holding `data`, at offset 0 (never blocks, unlike a pipe)."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("sandbox")
+    else:
+        fd, path = tempfile.mkstemp()
+        os.unlink(path)
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _collect(proc, verdict_r: int, limits: Limits, start: float) -> tuple[dict, str]:
+    """Read stdout, stderr and the verdict pipe until all end, the time is up, or output is too
+    long; returns (bytes per stream, why it stopped early or "")."""
+    got = {"stdout": b"", "stderr": b"", "verdict": b""}
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
+    sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
+    sel.register(verdict_r, selectors.EVENT_READ, "verdict")
+    try:
+        while sel.get_map():
+            left = start + limits.timeout - time.monotonic()
+            if left <= 0:
+                return got, "timeout"
+            for key, _ in sel.select(left):
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                    continue
+                got[key.data] += chunk
+                if len(got[key.data]) > limits.output_bytes:
+                    return got, f"{key.data} over {limits.output_bytes} bytes"
+        return got, ""
+    finally:
+        sel.close()
+
+
+def _run(
+    kind: str, tool: str | None, code: str, stdin: str, files: dict[str, str], limits: Limits, tests: str | None
+) -> tuple[RunResult, str] | RunResult:
+    token = secrets.token_hex(16)
+    contents = {"main.py": code, **files, **({".tests.py": tests} if tests is not None else {})}
+    fds = {name: _data_fd(text.encode()) for name, text in contents.items()}
+    token_fd, stdin_fd, (verdict_r, verdict_w) = _data_fd(token.encode()), _data_fd(stdin.encode()), os.pipe()
+    seccomp_fd = _data_fd(seccomp_filter(platform.machine())) if kind == "bwrap" else -1
+    nums = [
+        int(limits.timeout) + 1,
+        limits.memory_mb * 2**20,
+        limits.file_mb * 2**20,
+        limits.open_files,
+        token_fd,
+        verdict_w,
+    ]
+    harness = ["-I", "-S", "-B", "-c", HARNESS, "run" if tests is None else "tests", *map(str, nums)]
+    env = {"PATH": "/usr/bin:/bin", "HOME": BOX, "TMPDIR": BOX, "LANG": "C.UTF-8", "TZ": "UTC"}
+    work = None
+    if kind == "bwrap":
+        argv, cwd = _bwrap_argv(tool, fds, seccomp_fd, limits), None
+    else:  # a host directory as the work dir: the Seatbelt profile confines writes to it
+        work = cwd = os.path.realpath(tempfile.mkdtemp(prefix="grpo-mlx-sandbox-"))
+        env.update(HOME=work, TMPDIR=work)
+        for name, fd in fds.items():
+            with open(os.path.join(work, name), "wb") as f:
+                f.write(os.read(fd, 1 << 30))
+        exe = _base_python()[1]
+        argv = [tool, "-p", seatbelt_profile(read_allow_list(), work, exe), exe] if kind == "seatbelt" else [exe]
+    start = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            argv + harness,
+            stdin=stdin_fd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=cwd,
+            env=env,
+            pass_fds=[token_fd, verdict_w, *fds.values(), *([seccomp_fd] * (seccomp_fd >= 0))],
+            start_new_session=True,
+        )
+    finally:
+        for fd in [verdict_w, token_fd, stdin_fd, *fds.values(), *([seccomp_fd] * (seccomp_fd >= 0))]:
+            os.close(fd)
+    try:
+        got, early = _collect(proc, verdict_r, limits, start)
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the tree: bwrap's --die-with-parent and pid 1 do the rest
+        proc.wait()
+        proc.stdout.close(), proc.stderr.close(), os.close(verdict_r)
+        if work:
+            shutil.rmtree(work, ignore_errors=True)
+    rc = proc.returncode
+    sig = -rc if rc < 0 else rc - 128 if kind == "bwrap" and rc > 128 else 0  # bwrap reports 128 + signal
+    status = (
+        "timeout"
+        if early == "timeout"
+        else "killed"
+        if early
+        else "blocked"
+        if sig == signal.SIGSYS
+        else "killed"
+        if sig
+        else "ok"
+        if rc == 0
+        else "error"
+    )
+    reason = early or (f"signal {signal.Signals(sig).name}" if sig in signal.valid_signals() and sig else "")
+    result = RunResult(
+        status,
+        None if sig or early else rc,
+        got["stdout"].decode("utf-8", "replace")[-limits.output_bytes :],
+        got["stderr"].decode("utf-8", "replace")[-limits.output_bytes :],
+        time.monotonic() - start,
+        reason,
+    )
+    return result if tests is None else (result, _verdict_line(got["verdict"], token))
+
+
+def _verdict_line(raw: bytes, token: str) -> str:
+    lines = raw.decode("utf-8", "replace").splitlines()
+    passing = [ln for ln in lines if ln.startswith(f"PASS {token} ")]
+    return passing[0] if passing else next((ln for ln in reversed(lines) if ln.startswith("FAIL ")), "")
+
+
+def run(code: str, *, stdin: str = "", files: dict[str, str] | None = None, limits: Limits = Limits()) -> RunResult:
+    """Run `code` as a program (main.py in a fresh work dir, beside `files`) in the sandbox."""
+    for name in files or {}:
+        if not re.fullmatch(r"[\w][\w.-]*", name) or name == "main.py":
+            raise ValueError(f"sandbox file name {name!r}: a plain file name other than main.py")
+    kind = backend()
+    return _run(kind, _tool(kind), code, stdin, dict(files or {}), limits, None)
+
+
+def _tool(kind: str) -> str | None:
+    return shutil.which({"bwrap": "bwrap", "seatbelt": "sandbox-exec"}.get(kind, "")) if kind != "unsafe" else None
+
+
+def run_tests(code: str, tests: str, limits: Limits = Limits()) -> TestVerdict:
+    """Run `code`, then each top-level statement of `tests` (asserts, check functions)."""
+    try:
+        n = len(ast.parse(tests).body)
+    except SyntaxError as e:
+        return TestVerdict(False, 0, f"the tests do not parse: line {e.lineno}: {e.msg}")
+    kind = backend()
+    result, line = _run(kind, _tool(kind), code, "", {}, limits, tests)
+    if line.startswith("PASS ") and line.split()[-1] == str(n):
+        return TestVerdict(True, n, "passed", result)
+    why = (
+        line[5:]
+        if line.startswith("FAIL ")
+        else (
+            f"{result.status}: {result.reason}"
+            if result.reason
+            else f"ended before the tests finished (exit {result.exit_code})"
+        )
+    )
+    ran = re.match(r"test (\d+) ", why)
+    return TestVerdict(False, int(ran.group(1)) - 1 if ran else 0, why, result)
+
+
+def _text(completion) -> str:  # str, a message dict or a list of messages (rewards' completion_text, not imported)
+    if isinstance(completion, dict):
+        return str(completion.get("content") or "")
+    if isinstance(completion, (list, tuple)):
+        return "\n".join(_text(m) for m in completion)
+    return "" if completion is None else str(completion)
 
 
 def code_reward(timeout: float = 5.0, memory_mb: int = 512, tests_column: str = "tests", **_):
     """Built-in reward `code`: 1.0 when the completion's Python passes the example's tests
-    (the `tests` column: code such as asserts, run after the completion's code), else 0.0;
-    None for examples without tests."""
+    (the `tests` column: asserts run after the completion's code), else 0.0; None without tests.
+    Raises SandboxUnavailable now, before any model loads, where no OS sandbox works."""
+    backend()
+    limits = Limits(timeout=float(timeout), memory_mb=int(memory_mb))
+    workers = max(1, min(16, os.cpu_count() or 1))  # each run mostly waits on its process
+
+    def score(pair):
+        completion, test = pair
+        return None if test is None else float(run_tests(extract_code(_text(completion)), str(test), limits).passed)
 
     def code(prompts, completions, **columns):
-        from grpo_mlx.rewards import completion_text
-
         tests = columns.get(tests_column) or [None] * len(completions)
-        scores = []
-        for completion, test in zip(completions, tests):
-            if test is None:
-                scores.append(None)
-                continue
-            result = run_python(extract_code(completion_text(completion)), str(test), timeout, memory_mb)
-            scores.append(1.0 if result.passed else 0.0)
-        return scores
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(score, zip(completions, tests)))
 
     return code

@@ -1,5 +1,5 @@
 """Reliability: bad input gets one clear sentence, misbehaving rewards and non-finite steps are
-handled, generated code cannot escape, and kills, Ctrl-C or a full disk lose no checkpoint."""
+handled (generated code: test_sandbox.py), and kills, Ctrl-C or a full disk lose no checkpoint."""
 
 import errno
 import json
@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import mlx.core as mx
 import numpy as np
@@ -16,7 +15,6 @@ import pytest
 from grpo_mlx import cli
 from grpo_mlx.checkpoint import CheckpointError, latest_checkpoint
 from grpo_mlx.config import DEMO_DATA, build_config
-from grpo_mlx.sandbox import run_python
 from grpo_mlx.trainer import Trainer, TrainingStopped
 
 SMALL = ["--batch-size", "4", "--group-size", "4", "--eval-limit", "0", "--learning-rate", "1e-3"]
@@ -164,41 +162,6 @@ def test_skip_policy_keeps_training(tmp_path):
     trainer = Trainer(small(tmp_path, reward_functions=["accuracy", f"{path}:flaky"], reward_error_policy="skip"))
     summary = trainer.run()
     assert summary["steps"] == 4 and trainer.state["skipped_steps"] == 1
-
-
-# ------------------------------------------------------------------ generated code
-
-ESCAPES = {
-    "fork_bomb": "import os\nwhile True:\n    os.fork()",
-    "os_system": "import os\nos.system('touch {target}')",
-    "write_outside": "open('{target}', 'w').write('x')",
-    "endless_loop": "while True:\n    pass",
-    "network": "import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=2)",
-    "huge_memory": "x = bytearray(8 * 1024 ** 3)",
-}
-
-
-@pytest.mark.parametrize("name", sorted(ESCAPES))
-def test_escaping_code_fails_and_harms_nothing(name, tmp_path):
-    target = tmp_path / "escaped"
-    os.chmod(tmp_path, 0o755)
-    code = ESCAPES[name].format(target=target)
-    result = run_python(code, "assert True", timeout=3)
-    assert not result.passed, result
-    assert not target.exists()
-    time.sleep(0.2)
-    leftovers = subprocess.run(["pgrep", "-f", "grpo-mlx-sandbox-"], capture_output=True, text=True).stdout.split()
-    assert leftovers == [], "no process of the sandbox survives"
-
-
-def test_code_reward_scores_passing_and_failing():
-    from grpo_mlx.rewards import resolve_reward
-
-    _, fn = resolve_reward("code")
-    good = "```python\ndef add(a, b):\n    return a + b\n```"
-    bad = "def add(a, b):\n    return a - b"
-    scores = fn(prompts=["p"] * 3, completions=[good, bad, good], tests=["assert add(2, 3) == 5"] * 2 + [None])
-    assert scores == [1.0, 0.0, None]
 
 
 # ------------------------------------------------------------------ non-finite steps
