@@ -12,6 +12,7 @@ previous checkpoint untouched and at most a `.tmp-*` directory, which the next s
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -89,13 +90,39 @@ def save_checkpoint(
         for fname in ("adapters.safetensors", "adapter_config.json"):
             _copy_atomic(final / fname, run_dir / fname)
         _write_text_atomic(root / "latest", name + "\n")
+    except RuntimeError as e:  # MLX reports a failed write as RuntimeError: "[write] Unable to write ..."
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not any(word in str(e).lower() for word in ("write", "open")):
+            raise
+        raise OSError(errno.EIO, f"MLX could not write the arrays ({e}; is the disk full?)", str(tmp)) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    complete = sorted(p for p in root.glob("step_*") if (p / "state.json").exists())
-    for old in complete[:-KEEP]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(root, keep=KEEP)
     return final
+
+
+def step_of(path: Path) -> int:
+    """The step a checkpoint directory holds, from its name (-1 if it is none)."""
+    try:
+        return int(path.name.removeprefix("step_"))
+    except ValueError:
+        return -1
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest step first (by number: names sort wrong past 9,999,999)."""
+    found = [p for p in root.glob("step_*") if step_of(p) >= 0 and (p / "state.json").exists()]
+    return sorted(found, key=step_of)
+
+
+def prune(root: Path, keep: int = KEEP) -> None:
+    """Keep the `keep` highest steps and, always, the one `latest` names."""
+    pointer = root / "latest"
+    latest = pointer.read_text(encoding="utf-8").strip() if pointer.exists() else None
+    for old in complete_checkpoints(root)[:-keep]:
+        if old.name != latest:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def latest_checkpoint(run_dir) -> Path | None:
@@ -106,7 +133,7 @@ def latest_checkpoint(run_dir) -> Path | None:
         candidate = root / pointer.read_text(encoding="utf-8").strip()
         if (candidate / "state.json").exists():
             return candidate
-    complete = sorted(p for p in root.glob("step_*") if (p / "state.json").exists())
+    complete = complete_checkpoints(root)
     return complete[-1] if complete else None
 
 

@@ -10,17 +10,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
-import os
+import errno
 import signal
 import sys
 import time
+from pathlib import Path
 
 from grpo_mlx import metric_names as M
-from grpo_mlx.config import FIELDS, ConfigError, TrainConfig, build_config
+from grpo_mlx.config import FIELDS, ConfigError, TrainConfig, build_config, build_resumed_config
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
+WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM}
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -74,14 +75,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     flags = {name: getattr(args, name, None) for name in FIELDS}
-    base = None
-    if args.resume and not args.config:
-        saved = os.path.join(args.resume, "config.json")
-        if not os.path.exists(saved):
-            raise ConfigError(f"--resume {args.resume}: no config.json there; is it a grpo-mlx run directory?")
-        with open(saved, encoding="utf-8") as f:
-            base = {k: v for k, v in json.load(f).items() if k in FIELDS and k != "resume"}
-    return build_config(flags, args.config, base=base)
+    if args.resume:  # the recorded run, with only the options that may change (config.RESUME_MAY_CHANGE)
+        return build_resumed_config(args.resume, flags, args.config)
+    return build_config(flags, args.config)
 
 
 # ------------------------------------------------------------------ headless progress
@@ -187,18 +183,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     if mx.distributed.init().rank() == 0:  # under mlx.launch, one progress bar, not one per rank
         bus.subscribe(ProgressPrinter())
     trainer = Trainer(cfg, bus)
-    with graceful_stop(trainer.control):
-        summary = trainer.run()
+    try:
+        with graceful_stop(trainer.control, started=trainer.control.training.is_set):
+            summary = trainer.run()
+    except KeyboardInterrupt:
+        print(f"\n{abort_message(trainer.run_dir)}", file=sys.stderr)
+        return 130
     return 0 if summary.get("status") != "stopped" else 130
 
 
+def abort_message(run_dir) -> str:
+    """What an abort leaves: the --resume hint only when a checkpoint exists to resume from."""
+    from grpo_mlx.rundir import has_checkpoint
+
+    if has_checkpoint(Path(run_dir)):
+        return f"aborted; the last saved checkpoint is intact (continue with --resume {run_dir})"
+    return (
+        "aborted before the first checkpoint; nothing to resume "
+        "(start again, with --overwrite for the same --adapter-path)"
+    )
+
+
 @contextlib.contextmanager
-def graceful_stop(control):
+def graceful_stop(control, started=lambda: True):
     """First Ctrl-C or SIGTERM: finish the current step, save, exit. A second Ctrl-C aborts at
-    once (the last saved checkpoint stays intact)."""
+    once (the last saved checkpoint stays intact), and so does the first one before training
+    has `started()` (loading a model or evaluating can take minutes)."""
 
     def handler(signum, frame):
-        if control.stop.is_set():
+        if control.stop.is_set() or not started():
             raise KeyboardInterrupt
         control.stop.set()
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
@@ -243,10 +256,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("\naborted; the last saved checkpoint is intact (continue with --resume RUN_DIR)", file=sys.stderr)
+        print("\naborted", file=sys.stderr)
         return 130
     except Exception as e:
-        if getattr(args, "debug", False) or not isinstance(e, user_errors()):
+        if getattr(args, "debug", False):
+            raise
+        if isinstance(e, OSError) and e.errno in WRITE_ERRORS:  # a full or read-only disk is no bug
+            place = f" {e.filename}" if e.filename else ""
+            print(
+                f"grpo-mlx: error: cannot write{place}: {e.strerror or e}; free space or choose "
+                "another place (--adapter-path)",
+                file=sys.stderr,
+            )
+            return EXIT_FAILURE
+        if not isinstance(e, user_errors()):
             raise
         print(f"grpo-mlx: error: {e}", file=sys.stderr)
         return EXIT_USAGE if isinstance(e, ConfigError) else EXIT_FAILURE

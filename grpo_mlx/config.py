@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 BASELINES = ("mean", "leave_one_out")
 REWARD_COMBINATIONS = ("sum", "normalize_each")
 FINE_TUNE_TYPES = ("lora", "dora")
+REWARD_ISOLATION = ("thread", "process")
+SEED_LIMIT = 2**32  # numpy's and MLX's seeds are unsigned 32/64-bit; negative ones fail mid-run
 
 
 def _f(default, help: str, **kw):
@@ -60,7 +63,12 @@ class TrainConfig:
         None, "Run directory: adapters, checkpoints, metrics.jsonl, samples.jsonl. Default: runs/<timestamp>."
     )
     resume: str | None = _f(None, "Continue the run in this run directory from its last checkpoint.")
-    seed: int = _f(0, "Random seed for data order, sampling and LoRA initialisation.")
+    overwrite: bool = _f(
+        False,
+        "Start over in an --adapter-path that already holds a run: its checkpoints, adapters and logs "
+        "are deleted first.",
+    )
+    seed: int = _f(0, "Random seed for data order, sampling and LoRA initialisation (0 <= seed < 2**32).")
 
     # --- adapters
     fine_tune_type: str = _f("lora", "Adapter type: lora or dora.")
@@ -137,6 +145,11 @@ class TrainConfig:
     reward_error_policy: str = _f(
         "stop", "When a reward function fails: stop (save a checkpoint and exit) or skip (skip the step)."
     )
+    reward_isolation: str = _f(
+        "thread",
+        "Where custom reward functions run: thread (in the trainer, with the timeout) or process "
+        "(a worker process each: a crash or os._exit costs only that call).",
+    )
     reward_timeout: float = _f(
         60.0, "Seconds a reward function may take on one batch before it counts as failed (0 = no limit)."
     )
@@ -212,6 +225,15 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(values).__name__}")
     lines = {kn.value: kn.start_mark.line + 1 for kn, _ in node.value} if node is not None else {}
+    seen: dict[str, int] = {}
+    for key_node, _ in node.value if node is not None else []:
+        # YAML keeps the last of two equal keys without a word; batch-size and batch_size are one key
+        name, line = _normalise_key(key_node.value), key_node.start_mark.line + 1
+        if name in seen:
+            raise ConfigError(
+                f"{path}:{line}: key '{key_node.value}' is given twice (first at line {seen[name]}); keep one"
+            )
+        seen[name] = line
     out = {}
     for key, value in values.items():
         name = _normalise_key(key)
@@ -239,16 +261,114 @@ def build_config(
     merged.update(from_file)
     merged.update(flags)
     cfg = TrainConfig(**{k: coerce(k, v, source=config_file) for k, v in merged.items()})
+    absolute_paths(cfg)
     validate(cfg)
     return cfg
 
 
-def coerce(name: str, value: Any, source: str | None = None) -> Any:
+def local_path(value: str | None) -> str | None:
+    """An existing local path made absolute, so a run directory's record works from any working
+    directory (and a relative path never reads as a Hub id there); anything else unchanged."""
+    if not value:
+        return value
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
+
+
+def absolute_paths(cfg: TrainConfig) -> None:
+    cfg.model = local_path(cfg.model)
+    cfg.data = local_path(cfg.data)
+    specs = []
+    for spec in cfg.reward_functions:
+        target, colon, attr = spec.rpartition(":")
+        specs.append(f"{local_path(target)}:{attr}" if colon and target.endswith(".py") else spec)
+    cfg.reward_functions = specs
+
+
+# Options a resumed run may change: none of them changes what the steps compute, only how far the
+# run goes, how often it saves, evaluates and logs, and how faults are handled. `iters` also sets
+# the length of the cosine learning-rate schedule, so changing it bends the remaining schedule.
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "iters",
+        "save_every",
+        "eval_every",
+        "eval_limit",
+        "eval_split",
+        "samples_per_step",
+        "reward_timeout",
+        "reward_isolation",
+        "reward_error_policy",
+        "max_bad_steps",
+        "grad_checkpoint",
+        "adapter_path",
+        "resume",
+        "overwrite",
+    }
+)
+
+
+def recorded_config(run_dir: str) -> dict[str, Any]:
+    """The config.json a run directory holds, as a dict of known keys."""
+    import json
+
+    path = Path(run_dir).expanduser() / "config.json"
+    if not Path(run_dir).expanduser().is_dir():
+        raise ConfigError(f"--resume {run_dir}: no such directory")
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"--resume {run_dir}: no config.json there; is it a grpo-mlx run directory?") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--resume {run_dir}: cannot read {path}: {e}") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--resume {run_dir}: {path} is not a grpo-mlx run configuration")
+    return {k: v for k, v in saved.items() if k in FIELDS and k not in ("resume", "overwrite")}
+
+
+def build_resumed_config(
+    run_dir: str, flags: dict[str, Any] | None = None, config_file: str | None = None
+) -> TrainConfig:
+    """The recorded run's config with what flags and YAML change, refusing every change to an
+    option that changes what is trained (each one named, recorded and given value)."""
+    flags = {k: v for k, v in (flags or {}).items() if v is not None and k != "resume"}
+    if flags.get("overwrite") not in (None, False, "false", "False"):
+        raise ConfigError(f"--resume {run_dir} continues a run and --overwrite starts over: give one of them")
+    recorded = recorded_config(run_dir)
+    given_dir = flags.pop("adapter_path", None) or (load_yaml(config_file).get("adapter_path") if config_file else None)
+    if given_dir and Path(given_dir).expanduser().resolve() != Path(run_dir).expanduser().resolve():
+        raise ConfigError(
+            f"--resume {run_dir} with --adapter-path {given_dir}: a resumed run stays in its "
+            "directory; give --resume alone"
+        )
+    base = {**recorded, "adapter_path": run_dir}
+    before = build_config({}, None, base=base)  # the record, normalised as a new value would be
+    cfg = build_config(flags, config_file, base=base)
+    cfg.adapter_path = cfg.resume = run_dir
+    changed = [
+        f"{k} {getattr(before, k)!r} -> {getattr(cfg, k)!r}"
+        for k in FIELDS
+        if k in recorded and k not in RESUME_MAY_CHANGE and getattr(before, k) != getattr(cfg, k)
+    ]
+    if changed:
+        raise ConfigError(
+            f"--resume {run_dir}: these options differ from the recorded run and would change what "
+            f"is trained: {'; '.join(changed)} (drop them to continue the run; only "
+            f"{', '.join(sorted(RESUME_MAY_CHANGE - {'adapter_path', 'resume', 'overwrite'}))} may change)"
+        )
+    return cfg
+
+
+def coerce(name: str, value: Any, source: str | None = None) -> Any:  # noqa: C901
     """Convert a YAML/flag value to the field's type, with an error naming the key."""
     where = f"{source}: " if source else ""
     annotation = str(FIELDS[name].type)
     if value is None:
-        return None
+        if annotation.endswith("| None") or "Optional" in annotation:
+            return None
+        raise ConfigError(f"{where}'{name}': null is not a value for this option (remove the line to get its default)")
+    if "list" not in annotation and isinstance(value, (list, tuple, dict)):
+        raise ConfigError(f"{where}'{name}': expected one value, got {type(value).__name__} {value!r:.60}")
     try:
         if "list" in annotation:
             if isinstance(value, str):
@@ -256,8 +376,16 @@ def coerce(name: str, value: Any, source: str | None = None) -> Any:
             if not isinstance(value, (list, tuple)):
                 value = [value]
             if name == "reward_weights":
+                bad = [v for v in value if isinstance(v, bool) or not isinstance(v, (int, float, str))]
+                if bad:
+                    raise ConfigError(f"{where}'{name}': expected numbers, got {bad[0]!r:.60}")
                 return [float(v) for v in value]
-            return [str(v) for v in value]
+            bad = [v for v in value if not isinstance(v, str)]
+            if bad:  # str(5) or str({...}) would become a stop string or key nobody wrote
+                raise ConfigError(
+                    f"{where}'{name}': expected a list of strings, got {type(bad[0]).__name__} {bad[0]!r:.60}"
+                )
+            return list(value)
         if "bool" in annotation:
             if isinstance(value, str):
                 if value.lower() in ("1", "true", "yes", "on"):
@@ -274,9 +402,13 @@ def coerce(name: str, value: Any, source: str | None = None) -> Any:
             if isinstance(value, bool):
                 raise ValueError(value)
             return float(value)
-        return str(value)
+        if not isinstance(value, str):
+            raise ValueError(value)
+        return value
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
-        kind = annotation.replace("Optional[", "").rstrip("]")
+        kind = annotation.replace("Optional[", "").rstrip("]").removesuffix(" | None")
         raise ConfigError(f"{where}'{name}': expected {kind}, got {value!r}") from None
 
 
@@ -287,6 +419,22 @@ def validate(cfg: TrainConfig) -> None:
         if not ok:
             raise ConfigError(f"'{key}' = {getattr(cfg, key)!r}: {why}")
 
+    for name, f in FIELDS.items():  # NaN passes no comparison and inf passes most: refuse both first
+        value = getattr(cfg, name)
+        if "float" in str(f.type) and value is not None and not math.isfinite(value):
+            raise ConfigError(f"'{name}' = {value!r}: must be a finite number")
+    for i, w in enumerate(cfg.reward_weights or []):
+        if not math.isfinite(w):
+            raise ConfigError(
+                f"'reward_weights' = {cfg.reward_weights!r}: weight {i + 1} is {w!r}, must be a finite number"
+            )
+    need(0 <= cfg.seed < SEED_LIMIT, "seed", f"must be in [0, 2**32) = [0, {SEED_LIMIT - 1}]")
+    need(cfg.reward_isolation in REWARD_ISOLATION, "reward_isolation", f"must be one of {', '.join(REWARD_ISOLATION)}")
+    need(
+        not (cfg.resume and cfg.overwrite),
+        "overwrite",
+        "--resume continues a run and --overwrite starts over: give one of them",
+    )
     need(
         cfg.data is not None,
         "data",

@@ -119,6 +119,29 @@ def check_prompt(prompt, where: str, key: str) -> None:
             )
 
 
+def check_answer(answer, where: str, key: str) -> None:
+    """An answer is a string or a number, or a list of them meaning "any of these"; an object
+    has no answer to compare against (its Python repr would never match)."""
+
+    def scalar(v) -> bool:
+        return v is None or isinstance(v, (str, int, float))
+
+    if isinstance(answer, list):
+        if not answer:
+            raise DataError(f"{where}: key '{key}' is an empty list; give one answer or a list of accepted answers")
+        bad = [v for v in answer if not scalar(v) or v is None]
+        if bad:
+            raise DataError(
+                f"{where}: key '{key}' lists {type(bad[0]).__name__} {bad[0]!r:.40}; a list of "
+                "answers may hold only strings and numbers (any of them counts as right)"
+            )
+    elif not scalar(answer):
+        raise DataError(
+            f"{where}: key '{key}' is a {type(answer).__name__} ({answer!r:.60}); an answer is a "
+            "string, a number, or a list of accepted answers"
+        )
+
+
 def to_examples(rows: list[tuple[str, dict]], prompt_key: str, answer_key: str) -> list[dict]:
     """Validate rows and rename the user's columns onto `prompt` / `answer`."""
     hint = "map columns with --prompt-key/--answer-key"
@@ -138,6 +161,8 @@ def to_examples(rows: list[tuple[str, dict]], prompt_key: str, answer_key: str) 
                 f"{where}: missing key '{answer_key}' (other rows have it; keys present: {', '.join(row)}); {hint}"
             )
         check_prompt(row[prompt_key], where, prompt_key)
+        if answer_key in row:
+            check_answer(row[answer_key], where, answer_key)
         example = dict(row)
         for key, target in ((prompt_key, "prompt"), (answer_key, "answer")):
             if key != target and key in example:
@@ -311,6 +336,27 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     if add_special and ids and eos_id is not None and ids[-1] == eos_id and not (eos and text.endswith(eos)):
         ids.pop()  # tokenizers that append EOS would end the prompt before the answer starts
     return ids
+
+
+def check_token_ids(examples: list[dict], vocab_size: int | None, tokenizer=None, source: str = "data") -> None:
+    """Refuse prompt token ids the model has no embedding for (a tokenizer that does not belong
+    to the model), once at setup instead of as garbage or a crash in the first step."""
+    if not vocab_size:
+        return
+    eos = sorted(getattr(tokenizer, "eos_token_ids", None) or [])
+    if eos and eos[-1] >= vocab_size:
+        raise DataError(
+            f"the tokenizer's end-of-sequence id {eos[-1]} is outside the model's vocabulary of "
+            f"{vocab_size} tokens; the tokenizer does not belong to this model"
+        )
+    for index, example in enumerate(examples):
+        ids = example.get("prompt_ids") or []
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise DataError(
+                f"{source}: example {index} (0-based) has token id {bad[0]}, outside the model's "
+                f"vocabulary of {vocab_size} tokens; the tokenizer does not belong to this model"
+            )
 
 
 def prepare_examples(

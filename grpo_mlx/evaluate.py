@@ -384,10 +384,19 @@ def resolve_settings(args: argparse.Namespace) -> dict:
     temperature = args.temperature
     if temperature is None:
         temperature = DEFAULT_SAMPLING_TEMPERATURE if max(args.k) > 1 else 0.0
-    if temperature < 0 or not 0 < args.top_p <= 1 or args.batch_size < 1 or length < 1:
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ConfigError(f"--temperature {temperature}: must be a finite number >= 0 (0 is greedy)")
+    if not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
+        raise ConfigError(f"--top-p {args.top_p}: must be in (0, 1]")
+    if args.batch_size < 1 or length < 1:
         raise ConfigError(
-            "need --temperature >= 0, 0 < --top-p <= 1, --batch-size >= 1 and --max-completion-length >= 1"
+            f"--batch-size {args.batch_size} and --max-completion-length {length}: both must be at least 1"
         )
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit {args.limit}: must be at least 1 (leave it out to score every prompt)")
+    if not 0 <= args.seed < 2**32:
+        raise ConfigError(f"--seed {args.seed}: must be in [0, 2**32)")
+    check_output_path(args.json)
     return dict(
         model=model,
         adapter_path=args.adapter_path,
@@ -405,6 +414,62 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         prompt_key=args.prompt_key or saved.get("prompt_key") or "prompt",
         answer_key=args.answer_key or saved.get("answer_key") or "answer",
     )
+
+
+def check_output_path(path: str | None) -> None:
+    """Refuse an unwritable --json path now, not after a whole evaluation."""
+    if not path or path == "-":
+        return
+    from grpo_mlx.config import ConfigError
+
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise ConfigError(f"--json {path}: is a directory; name a file")
+    existed = target.exists()
+    try:
+        with open(target, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--json {path}: cannot write there ({e.strerror or e}); choose another path") from None
+    if not existed:
+        target.unlink(missing_ok=True)
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (MemAvailable on Linux), else the machine's total."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def bytes_per_sample(model_args, tokens: int) -> int:
+    """Memory one sampled row holds while decoding: float32 key/value cache over `tokens`
+    positions in every layer, plus a float32 row of logits (twice: logits and probabilities)."""
+    get = lambda name, default=0: getattr(model_args, name, None) or default  # noqa: E731
+    layers = get("num_hidden_layers", 1)
+    heads = get("num_attention_heads", 1)
+    kv_heads = get("num_key_value_heads", heads)
+    head_dim = get("head_dim", get("hidden_size", 0) // max(heads, 1))
+    return 4 * (2 * layers * kv_heads * head_dim * tokens + 2 * get("vocab_size", 0))
+
+
+def plan_batch(n: int, batch_size: int, per_sample: int, available: int, k_text: str) -> int:
+    """Prompts to sample together so that batch x n rows fit in half the available memory; refuse
+    when even one prompt's n samples do not fit (a -k far beyond what memory allows)."""
+    budget = available // 2
+    if n * per_sample > budget:
+        raise_k = f"-k {k_text}: {n} samples of one prompt need about {n * per_sample / 1e9:.1f} GB while decoding, "
+        from grpo_mlx.config import ConfigError
+
+        raise ConfigError(
+            raise_k + f"more than half of the {available / 1e9:.1f} GB available; lower -k (or --max-completion-length)"
+        )
+    return max(1, min(batch_size, budget // max(n * per_sample, 1)))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -429,6 +494,21 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_eval(settings["model"], settings["adapter_path"])
     prepared = data.prepare_examples(scored, tokenizer, settings["system_prompt"])
     n = max(settings["k"])
+    longest = max(len(ex["prompt_ids"]) for ex in prepared) + settings["max_completion_length"]
+    batch = plan_batch(
+        n,
+        settings["batch_size"],
+        bytes_per_sample(getattr(model, "args", None), longest),
+        available_memory(),
+        ",".join(map(str, settings["k"])),
+    )
+    if batch < settings["batch_size"]:
+        print(
+            f"  sampling {batch} prompt{'s' if batch > 1 else ''} at a time (not --batch-size "
+            f"{settings['batch_size']}) so that {n} samples each fit in memory",
+            file=sys.stderr,
+        )
+        settings["batch_size"] = batch
     decoding = "greedy" if settings["temperature"] == 0 else f"temperature {settings['temperature']}"
     note = "" if settings["temperature"] or args.k == [1] else " (greedy gives one answer per prompt: k = 1 only)"
     print(

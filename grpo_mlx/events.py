@@ -10,7 +10,9 @@ event again and refuses one that is not what it claims to be.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -18,6 +20,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+from grpo_mlx.errors import UserError
 
 Event = dict[str, Any]  # an event's JSON form, as subscribers and the files see it
 
@@ -137,6 +141,9 @@ class Control:
     stop: threading.Event = field(default_factory=threading.Event)
     pause: threading.Event = field(default_factory=threading.Event)
     save_now: threading.Event = field(default_factory=threading.Event)
+    # set by the trainer when its step loop begins: before that there is no step to finish, so
+    # a stop request (Ctrl-C) during loading or the first evaluation ends the run at once
+    training: threading.Event = field(default_factory=threading.Event)
 
 
 class EventBus:
@@ -172,17 +179,45 @@ def _clean(value: Any) -> Any:
     return value
 
 
+class RunFilesError(UserError, RuntimeError):
+    """metrics.jsonl or samples.jsonl could not be written (a full or read-only disk)."""
+
+
 class JsonlSink:
     """Appends step metrics to metrics.jsonl and generations to samples.jsonl, flushed per line
-    so that `grpo-mlx tui --attach` sees each step as soon as it is written."""
+    so that `grpo-mlx tui --attach` sees each step as soon as it is written.
 
-    def __init__(self, run_dir: str):
-        os.makedirs(run_dir, exist_ok=True)
-        # open for the run's whole life (closed by close()), flushed line by line
-        self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
-        self.samples = open(os.path.join(run_dir, "samples.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
+    A write that fails (full disk, read-only filesystem) is cut back to the last whole line, so
+    the files stay valid JSONL; the sink then writes nothing more, keeps the error, and calls
+    `on_error` (the trainer stops after the current step and saves), or raises it at once when
+    no `on_error` was given."""
+
+    def __init__(self, run_dir: str, on_error: Callable[[], None] | None = None):
+        self.run_dir = run_dir
+        self.on_error = on_error
+        self.error: RunFilesError | None = None
+        self.files = []
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            self.metrics = self._open("metrics.jsonl")
+            self.samples = self._open("samples.jsonl")
+        except OSError as e:
+            self.close()
+            raise RunFilesError(
+                f"cannot write {e.filename or run_dir}: {e.strerror or e}; free space, fix the "
+                "permissions or choose another --adapter-path"
+            ) from None
+
+    def _open(self, name: str):
+        # unbuffered bytes: a line is on disk when write returns, and nothing half-written stays
+        # in a buffer to reappear when the file is closed after a failure
+        f = open(os.path.join(self.run_dir, name), "ab", buffering=0)  # noqa: SIM115  (closed by close())
+        self.files.append(f)
+        return f
 
     def __call__(self, event: Event) -> None:
+        if self.error is not None:
+            return
         kind = event["type"]
         if kind == "samples":
             out = self.samples
@@ -190,12 +225,44 @@ class JsonlSink:
             out = self.metrics
         else:
             return
-        out.write(json.dumps(_clean(event), ensure_ascii=False) + "\n")
-        out.flush()
+        data = (json.dumps(_clean(event), ensure_ascii=False) + "\n").encode("utf-8")
+        good = None
+        try:
+            good = os.fstat(out.fileno()).st_size
+            view = memoryview(data)
+            while view:
+                written = out.write(view)  # a short write on a nearly full disk: go on
+                if not written:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), out.name)
+                view = view[written:]
+        except OSError as e:
+            self._fail(out, good, e)
+
+    def _fail(self, out, good: int | None, e: OSError) -> None:
+        self.error = RunFilesError(
+            f"cannot write {out.name}: {e.strerror or e}; the run stopped "
+            f"(free space, then continue with --resume {self.run_dir})"
+        )
+        try:
+            if good is not None:
+                os.ftruncate(out.fileno(), good)  # drop the half-written line
+        except OSError:
+            pass
+        self.close()
+        if self.on_error is None:
+            raise self.error from None
+        self.on_error()
+
+    def raise_if_failed(self) -> None:
+        """After the run: a failed write ends it as a failure, with its one sentence."""
+        if self.error is not None:
+            raise self.error
 
     def close(self) -> None:
-        self.metrics.close()
-        self.samples.close()
+        for f in self.files:
+            with contextlib.suppress(OSError):  # unflushable: the file keeps its last whole line
+                f.close()
+        self.files = []
 
 
 def read_jsonl(path: str) -> list[Event]:

@@ -58,6 +58,41 @@ def prepare_for_cpu(model: nn.Module) -> None:
         cpu_kernels.install(model)
 
 
+class AdapterKeyError(UserError, ValueError):
+    """`lora_keys` names a layer the model does not have."""
+
+
+def adaptable_names(model: nn.Module, num_layers: int) -> tuple[list[str], list[str]]:
+    """Names of the layers mlx-lm can put adapters on: inside the adapted blocks (as
+    `self_attn.q_proj`) and anywhere in the model (as `lm_head`)."""
+    kinds = (nn.Linear, nn.QuantizedLinear, nn.Embedding, nn.QuantizedEmbedding)
+
+    def names(module) -> set[str]:
+        return {k for k, m in module.named_modules() if k and (isinstance(m, kinds) or hasattr(m, "to_lora"))}
+
+    inside: set[str] = set()
+    for block in model.layers[len(model.layers) - num_layers :]:
+        inside |= names(block)
+    return sorted(inside), sorted(names(model))
+
+
+def check_lora_keys(model: nn.Module, keys, num_layers: int, model_name) -> None:
+    """A key that matches no layer would be skipped without a word by mlx-lm: refuse it."""
+    inside, anywhere = adaptable_names(model, num_layers)
+    for key in keys:
+        if key not in inside and key not in anywhere:
+            raise AdapterKeyError(
+                f"'lora_keys' = {key!r} matches no layer of {model_name}; its linear "
+                f"layers inside a block are: {', '.join(inside)}"
+            )
+
+
+def model_vocab_size(model: nn.Module) -> int | None:
+    """Rows of the model's embedding (the ids it can read), from its config."""
+    size = getattr(getattr(model, "args", None), "vocab_size", None)
+    return int(size) if isinstance(size, int) and size > 0 else None
+
+
 def add_adapters(model: nn.Module, cfg) -> dict:
     """Freeze the base model and add LoRA/DoRA layers through mlx-lm; return the
     `adapter_config.json` contents that mlx-lm's `load_adapters` understands."""
@@ -68,13 +103,14 @@ def add_adapters(model: nn.Module, cfg) -> dict:
     num_layers = len(model.layers) if cfg.num_layers == -1 else min(cfg.num_layers, len(model.layers))
     lora_parameters = {"rank": cfg.lora_rank, "scale": cfg.lora_scale, "dropout": cfg.lora_dropout}
     if cfg.lora_keys:
+        check_lora_keys(model, cfg.lora_keys, num_layers, cfg.model)
         lora_parameters["keys"] = list(cfg.lora_keys)
     linear_to_lora_layers(model, num_layers, lora_parameters, use_dora=cfg.fine_tune_type == "dora")
     if getattr(cfg, "grad_checkpoint", False):
         checkpoint_blocks(model)
     n_trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     if n_trainable == 0:
-        raise ValueError(f"no adapter parameters were created (lora_keys={cfg.lora_keys}); check the keys")
+        raise AdapterKeyError(f"'lora_keys' = {cfg.lora_keys!r}: no adapter parameters were created; check the keys")
     return {
         "model": cfg.model,
         "fine_tune_type": cfg.fine_tune_type,

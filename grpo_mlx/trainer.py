@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 
-from grpo_mlx import checkpoint, data, events, rewards
+from grpo_mlx import checkpoint, data, events, reward_worker, rewards, rundir
 from grpo_mlx import metric_names as M
 from grpo_mlx.advantages import compute_advantages, per_completion
 from grpo_mlx.batch import make_batch
@@ -27,7 +27,14 @@ from grpo_mlx.config import ConfigError, TrainConfig, default_run_dir, to_dict
 from grpo_mlx.errors import UserError
 from grpo_mlx.evaluate import held_out
 from grpo_mlx.events import Control, EventBus, JsonlSink
-from grpo_mlx.policy import adapters_disabled, adapters_replaced, add_adapters, load_model, snapshot_adapters
+from grpo_mlx.policy import (
+    adapters_disabled,
+    adapters_replaced,
+    add_adapters,
+    load_model,
+    model_vocab_size,
+    snapshot_adapters,
+)
 from grpo_mlx.sampler import Rollout, generate_groups, pad_id
 from grpo_mlx.step import (
     Timing,
@@ -76,6 +83,13 @@ class Trainer:
             rewards.resolve_reward(spec, max_completion_length=cfg.max_completion_length)
             for spec in cfg.reward_functions
         ]
+        if cfg.reward_isolation == "process":  # custom rewards in worker processes
+            self.reward_fns = reward_worker.isolate(
+                cfg.reward_functions,
+                self.reward_fns,
+                cfg.reward_timeout,
+                max_completion_length=cfg.max_completion_length,
+            )
         self.train_examples = data.load_split(cfg.data, "train", prompt_key=cfg.prompt_key, answer_key=cfg.answer_key)
         self.eval_examples = []
         if cfg.eval_limit > 0:
@@ -95,6 +109,12 @@ class Trainer:
         held = data.prepare_examples(self.eval_examples, tokenizer, cfg.system_prompt, cfg.max_prompt_length)
         self._assemble(model, tokenizer, train, held, adapter_config)
         self._check_context()
+        data.check_token_ids(
+            self.train_examples + self.eval_examples,
+            model_vocab_size(self.model),
+            self.tokenizer,
+            str(cfg.data),
+        )
         if not data.has_chat_template(self.tokenizer):
             self.bus.emit(
                 events.Message(
@@ -326,13 +346,27 @@ class Trainer:
         self.bus.emit(events.Checkpoint(step=step, path=str(path)))
 
     def run(self) -> dict:
+        # one trainer per run directory, checked and locked before the model loads (and World)
+        lock = rundir.claim(self.cfg, self.run_dir) if mx.distributed.init().rank() == 0 else None
+        try:
+            return self._run()
+        finally:
+            if lock:
+                lock.release()
+            reward_worker.close_all(getattr(self, "reward_fns", []))
+
+    def _run(self) -> dict:
         self.setup()
         start = int(self.state["step"])
-        sink = JsonlSink(str(self.run_dir)) if self.world.is_main else None
+        # a failed metrics/samples write stops the run after the step, with a checkpoint
+        sink = JsonlSink(str(self.run_dir), on_error=self.control.stop.set) if self.world.is_main else None
         if sink:
             self.bus.subscribe(sink)
         try:
-            return self._loop(start)
+            summary = self._loop(start)
+            if sink:
+                sink.raise_if_failed()
+            return summary
         except Exception as e:
             self.bus.emit(
                 events.End(
@@ -379,6 +413,8 @@ class Trainer:
         if before:
             self.bus.emit(events.Eval(step=start, name="before", metrics=before))
         status, bad_in_a_row = "finished", 0
+        skipped_before = self.state["skipped_steps"]
+        self.control.training.set()  # from here Ctrl-C finishes the step and saves
         for step in range(start, cfg.iters):
             self._wait_while_paused(step)
             if self.world.any(self.control.stop.is_set()):
@@ -401,6 +437,9 @@ class Trainer:
                 self.bus.emit(events.Eval(step=step + 1, name="periodic", metrics=self.evaluate(self.eval_examples)))
         if self.state["step"] > start or cfg.iters == start:
             self.save(int(self.state["step"]))
+        ran = int(self.state["step"]) - start
+        if status == "finished" and ran and self.state["skipped_steps"] - skipped_before >= ran:
+            raise TrainingStopped(all_skipped_message(ran, cfg, self.run_dir))
         return self._finish(status, before, evaluating)
 
     def _wait_while_paused(self, step: int) -> None:
@@ -452,3 +491,13 @@ class Trainer:
                 json.dump(summary, f, indent=2)
         self.bus.emit(events.End(step=steps, summary=summary, status=status))
         return summary
+
+
+def all_skipped_message(n: int, cfg: TrainConfig, run_dir) -> str:
+    """The diagnosis of a run in which no step was applied: it did not finish, it failed."""
+    return (
+        f"all {n} steps were skipped (non-finite loss or gradients, or failing reward functions under "
+        f"reward_error_policy skip), so the adapters never changed; see the warnings above: a learning_rate "
+        f"({cfg.learning_rate:g}) or lora_scale ({cfg.lora_scale:g}) too large is the usual cause of "
+        f"non-finite values. The unchanged state is saved in {run_dir}"
+    )

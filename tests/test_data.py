@@ -349,3 +349,42 @@ def test_module_imports_no_mlx():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------- answers and token ids
+
+
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ({"value": 4}, "train.jsonl:2: key 'answer' is a dict"),
+        ([], "train.jsonl:2: key 'answer' is an empty list"),
+        ([4, {"x": 1}], "train.jsonl:2: key 'answer' lists dict"),
+        ([["4"]], "train.jsonl:2: key 'answer' lists list"),
+    ],
+)
+def test_answers_that_are_objects_are_refused_naming_file_and_line(answer, expected, tmp_path):
+    rows = [{"prompt": "1+1", "answer": "2"}, {"prompt": "2+2", "answer": answer}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError) as e:
+        load_split(str(tmp_path), "train")
+    assert expected in str(e.value)
+
+
+def test_a_list_of_answers_is_kept(tmp_path):
+    (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "2+2", "answer": ["4", 4, "four"]}) + "\n")
+    assert load_split(str(tmp_path), "train")[0]["answer"] == ["4", 4, "four"]
+
+
+def test_token_ids_outside_the_vocabulary_are_refused():
+    from grpo_mlx.data import check_token_ids
+
+    check_token_ids([{"prompt_ids": [0, 5, 99]}], 100)
+    with pytest.raises(DataError, match="token id 100, outside the model's vocabulary of 100"):
+        check_token_ids([{"prompt_ids": [0, 100]}], 100)
+
+    class Tok:
+        eos_token_ids = {150}
+
+    with pytest.raises(DataError, match="end-of-sequence id 150"):
+        check_token_ids([], 100, Tok())

@@ -179,3 +179,45 @@ def test_eval_every_emits_periodic_evaluations(tmp_path):
     trainer.run()
     evals = [(e["step"], e["name"]) for e in read_jsonl(str(trainer.run_dir / "metrics.jsonl")) if e["type"] == "eval"]
     assert evals == [(0, "before"), (2, "periodic"), (4, "periodic"), (4, "after")]
+
+
+# ------------------------------------------------------------------ values checked before the work
+
+
+def eval_args(*extra):
+    return cli.make_parser().parse_args(["eval", *extra])
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--limit", "0"], "--limit 0"),
+        (["--limit", "-3"], "--limit -3"),
+        (["--temperature", "nan"], "--temperature nan"),
+        (["--top-p", "nan"], "--top-p nan"),
+        (["--seed", "-1"], "--seed -1"),
+    ],
+)
+def test_bad_eval_values_are_refused(extra, expected):
+    from grpo_mlx.config import ConfigError
+    from grpo_mlx.evaluate import resolve_settings
+
+    with pytest.raises(ConfigError, match=expected.replace("-", r"\-")):
+        resolve_settings(eval_args(*extra))
+
+
+def test_unwritable_json_path_is_refused_before_the_evaluation(tmp_path, capsys):
+    code = cli.main(["eval", "--json", str(tmp_path / "no" / "such" / "dir" / "out.json"), "-k", "1"])
+    err = capsys.readouterr().err
+    assert code != 0 and "--json" in err and "cannot write there" in err and "prompts" not in err
+    assert not (tmp_path / "no").exists()
+
+
+def test_k_far_beyond_memory_is_refused_and_batches_shrink_to_fit():
+    from grpo_mlx.config import ConfigError
+    from grpo_mlx.evaluate import plan_batch
+
+    with pytest.raises(ConfigError, match="-k 1000000"):
+        plan_batch(1_000_000, 16, per_sample=10**6, available=10**11, k_text="1000000")
+    assert plan_batch(1000, 16, per_sample=10**6, available=10**10, k_text="1000") == 5  # 5 GB budget / 1 GB a prompt
+    assert plan_batch(4, 16, per_sample=10**3, available=10**10, k_text="4") == 16

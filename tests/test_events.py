@@ -1,13 +1,17 @@
 """The event contract: typed events round-trip through their JSON form, a line that is not an
-event is refused by name, and every metric the TUI charts is one the trainer really writes."""
+event is refused by name, every metric the TUI charts is one the trainer really writes, and
+JsonlSink on a full or read-only disk keeps only whole lines, keeps the error, reports it once
+and asks the run to stop (no chained tracebacks from later events)."""
 
+import errno
 import json
+import subprocess
 
 import pytest
 
 from grpo_mlx import events
 from grpo_mlx import metric_names as M
-from grpo_mlx.events import EventBus, EventFormatError, JsonlSink, read_jsonl
+from grpo_mlx.events import EventBus, EventFormatError, JsonlSink, RunFilesError, read_jsonl
 
 
 def test_every_event_type_round_trips_through_json():
@@ -82,3 +86,51 @@ def test_every_charted_metric_is_written_by_a_real_step(tmp_path):
     for name, _, _ in CHARTS:
         assert name in metrics, f"the dashboard charts {name!r} but the trainer does not write it"
     assert M.reward_mean("accuracy") in metrics and M.time_of("update") in metrics
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here")
+    yield disk
+    subprocess.run(["umount", str(disk)])
+
+
+def test_full_disk_keeps_whole_lines_and_asks_to_stop(small_disk):
+    stops = []
+    bus = EventBus()
+    sink = bus.subscribe(JsonlSink(str(small_disk), on_error=lambda: stops.append(1)))
+    for step in range(1000):  # far more than 16 KiB
+        bus.emit(events.Step(step=step, metrics={"reward": 0.5, "text": "x" * 100}))
+    assert stops == [1]  # told once
+    assert isinstance(sink.error, RunFilesError) and "No space left" in str(sink.error)
+    lines = (small_disk / "metrics.jsonl").read_bytes().split(b"\n")
+    assert lines[-1] == b"" and all(json.loads(line) for line in lines[:-1])  # no half line
+    with pytest.raises(RunFilesError, match="metrics.jsonl"):
+        sink.raise_if_failed()
+
+
+def test_without_on_error_the_first_failure_raises_and_later_events_are_dropped(tmp_path, monkeypatch):
+    sink = JsonlSink(str(tmp_path))
+
+    def full(data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sink.metrics, "write", full, raising=False)
+    with pytest.raises(RunFilesError):
+        sink({"type": "step", "step": 1, "metrics": {}})
+    sink({"type": "end", "step": 1, "summary": {}, "status": "failed"})  # no second error
+
+
+def test_unwritable_run_directory_is_one_sentence(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=16k", "tmpfs", str(ro)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    try:
+        with pytest.raises(RunFilesError, match="Read-only file system"):
+            JsonlSink(str(ro))
+    finally:
+        subprocess.run(["umount", str(ro)])

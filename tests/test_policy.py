@@ -128,3 +128,13 @@ def test_top_k_one_is_greedy():
     mx.random.seed(0)
     top1 = generate_groups(model, tok, prompts, 3, 5, temperature=1.5, top_k=1)
     assert top1.texts == [t for t in greedy.texts for _ in range(3)]
+
+
+def test_lora_keys_matching_no_layer_are_refused_with_the_layer_names():
+    from grpo_mlx.policy import AdapterKeyError, add_adapters
+
+    model, _ = load_model(DEMO_MODEL)
+    cfg = build_config({"lora_keys": ["self_attn.q_proj", "self_attn.query"]})
+    with pytest.raises(AdapterKeyError) as e:
+        add_adapters(model, cfg)
+    assert "'self_attn.query'" in str(e.value) and "self_attn.q_proj" in str(e.value) and "mlp.up_proj" in str(e.value)

@@ -407,3 +407,46 @@ def test_compute_rewards_empty_batch():
 def test_module_imports_no_mlx():
     code = "import sys, grpo_mlx.rewards; assert not any(m.startswith('mlx') for m in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- a function that exits or interrupts is a failing function --------------------------------
+
+
+def _exits(prompts, completions, **kw):
+    sys.exit(3)
+
+
+def _system_exit(prompts, completions, **kw):
+    raise SystemExit("bye")
+
+
+def _interrupts(prompts, completions, **kw):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("timeout", [0, 5.0])  # called directly, and in the timeout's worker thread
+@pytest.mark.parametrize(
+    "fn, expected",
+    [(_exits, "called sys.exit(3)"), (_system_exit, "sys.exit('bye')"), (_interrupts, "KeyboardInterrupt")],
+)
+def test_exit_and_interrupt_in_a_reward_are_its_failure(fn, expected, timeout):
+    with pytest.raises(RewardFunctionError) as e:
+        compute_rewards([(fn.__name__, fn)], None, ["p"], ["c"], {}, timeout=timeout)
+    assert fn.__name__ in str(e.value) and expected in str(e.value)
+
+
+# --- lists of answers ---------------------------------------------------------------------------
+
+
+def test_a_list_of_answers_means_any_of_them():
+    assert answers_match("4", ["four", 4])
+    assert answers_match("four", ["four", 4])
+    assert not answers_match("5", ["four", 4])
+    assert answers_match("1,000", [999, "1000"])
+    fn = BUILTIN_REWARDS["accuracy"]()
+    assert fn(["p", "p"], ["so 4", "so 5"], answer=[[4, "four"], [4, "four"]]) == [1.0, 0.0]
+
+
+def test_an_object_answer_is_refused_not_compared_as_text():
+    with pytest.raises(TypeError, match="object"):
+        answers_match("{'a': 1}", {"a": 1})

@@ -238,3 +238,44 @@ def test_form_applies_edits_with_the_cli_rules():
 
 def test_form_shows_values_as_typed():
     assert shown(None) == "" and shown(1e-4) == "0.0001" and shown(["a", "b"]) == "a b" and shown(8) == "8"
+
+
+# ------------------------------------------------------------------ attach never crashes on odd lines
+
+ODD_EVENTS = [
+    {"type": "step", "step": "three", "metrics": {}},
+    {"type": "step", "step": 3, "metrics": [1, 2]},
+    {"type": "step", "step": True, "metrics": {}},
+    {"type": "samples", "step": 1, "groups": "x"},
+    {"type": "samples", "step": 1, "groups": [{"completions": [{"advantage": "high", "text": "t"}]}]},
+    {"type": "samples", "step": 1, "groups": [5]},
+    {"type": "eval", "step": 1, "name": "before", "metrics": [0.5]},
+    {"type": "eval", "step": 1, "name": "before", "metrics": {"accuracy": "most"}},
+    {"type": "start", "config": "big", "total_steps": 4},
+    {"type": "start", "config": {}, "total_steps": "four"},
+    {"type": "end", "summary": [], "status": "finished"},
+    {"type": 5},
+]
+
+
+def test_odd_events_are_skipped_and_said_once():
+    s = RunState()
+    s.apply(step(1, reward=0.5))
+    for event in ODD_EVENTS:
+        s.apply(event)
+    assert s.steps == [1] and s.status != "finished" and not s.samples and not s.evals
+    warnings = [line for level, line in s.log if level == "warning"]
+    assert len(warnings) == 1 and "skipped" in warnings[0]
+    assert s.skipped_events == len(ODD_EVENTS)
+
+
+def test_tail_skips_json_that_is_no_event_and_says_so_once(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('[1, 2]\n7\n"text"\n' + json.dumps(step(1, reward=1.0)) + "\nnull\n")
+    events = JsonlTail(str(path)).read()
+    assert [e["type"] for e in events] == ["message", "step"]
+    assert "metrics.jsonl:1" in events[0]["text"] and events[0]["level"] == "warning"
+    s = RunState()
+    for e in RunFollower(str(tmp_path)).read():
+        s.apply(e)
+    assert s.steps == [1]

@@ -58,9 +58,20 @@ class RunState:
     log: list[tuple[str, str]] = field(default_factory=list)  # (level, line) for the log tab
     log_total: int = 0  # lines ever logged (the list keeps the last MAX_LOG_LINES)
     end: dict | None = None
+    skipped_events: int = 0  # malformed events skipped (see `malformed`)
 
     # ------------------------------------------------------------------ events
     def apply(self, event: Event) -> None:
+        problem = malformed(event)
+        if problem:  # a line that parses but is not what the trainer writes: skip, say so once
+            self.skipped_events += 1
+            if self.skipped_events == 1:
+                self.log.append(
+                    ("warning", f"skipped an event that does not fit ({problem}); later ones are skipped silently")
+                )
+                del self.log[:-MAX_LOG_LINES]
+                self.log_total += 1
+            return
         kind = event.get("type")
         line = describe(event)
         if line:
@@ -145,6 +156,67 @@ class RunState:
 
     def sample_steps(self) -> list[int]:
         return sorted(self.samples)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) or (isinstance(value, float) and value.is_integer())
+
+
+def _optional(value: Any, kind) -> bool:
+    return value is None or isinstance(value, kind)
+
+
+def _number_or_none(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def malformed(event: Any) -> str | None:
+    """Why an event cannot be shown (its fields have the wrong types), or None if it can. Only
+    what the dashboard reads is checked; extra fields are fine."""
+    if not isinstance(event, dict):
+        return f"a {type(event).__name__}, not an object"
+    kind = event.get("type")
+    if not isinstance(kind, str):
+        return "no type"
+    need = {
+        "start": [("config", dict), ("total_steps", "int?"), ("start_step", "int?"), ("run_dir", "str?")],
+        "step": [("step", "int"), ("metrics", dict)],
+        "samples": [("step", "int"), ("groups", list)],
+        "eval": [("metrics", dict)],
+        "checkpoint": [],
+        "message": [("level", "str?")],
+        "end": [("summary", "dict?"), ("status", "str?")],
+    }.get(kind, [])
+    for key, kind_of in need:
+        value = event.get(key)
+        ok = (
+            {
+                "int": _is_int(value),
+                "int?": value is None or _is_int(value),
+                "str?": _optional(value, str),
+                "dict?": _optional(value, dict),
+            }.get(kind_of)
+            if isinstance(kind_of, str)
+            else isinstance(value, kind_of)
+        )
+        if not ok:
+            return f"{kind} event: '{key}' is {value!r:.40}"
+    if kind == "eval" and not all(_number_or_none(event["metrics"].get(k)) for k in ("accuracy", "mean_reward")):
+        return "eval event: a metric is not a number"
+    if kind == "samples":
+        for group in event["groups"]:
+            if not isinstance(group, dict) or not isinstance(group.get("completions", []), list):
+                return "samples event: a group is not an object with a list of completions"
+            for c in group.get("completions", []):
+                if not (
+                    isinstance(c, dict)
+                    and _number_or_none(c.get("advantage"))
+                    and _number_or_none(c.get("reward"))
+                    and _optional(c.get("text"), str)
+                    and _optional(c.get("rewards"), dict)
+                ):
+                    return "samples event: a completion has fields of the wrong type"
+    return None
 
 
 def describe(event: Event) -> str | None:

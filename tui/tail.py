@@ -15,6 +15,8 @@ class JsonlTail:
     def __init__(self, path: str):
         self.path = path
         self.offset = 0
+        self.line = 0  # lines read so far, for naming a bad one
+        self.skipped = 0
 
     def read(self) -> list[Event]:
         try:
@@ -30,13 +32,28 @@ class JsonlTail:
             return []
         self.offset += end + 1
         events = []
-        for line in chunk[: end + 1].splitlines():
+        for line in chunk[: end + 1].split(b"\n")[:-1]:
+            self.line += 1
             if not line.strip():
                 continue
             try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
+                event = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 continue  # a line garbled by a killed writer: skip it and keep following
+            if isinstance(event, dict):
+                events.append(event)
+                continue
+            # valid JSON that is no event (a list, a number): skip it, and say so the first time
+            self.skipped += 1
+            if self.skipped == 1:
+                events.append(
+                    {
+                        "type": "message",
+                        "level": "warning",
+                        "text": f"{os.path.basename(self.path)}:{self.line}: skipped a line that is "
+                        f"not an event ({type(event).__name__}); later ones are skipped silently",
+                    }
+                )
         return events
 
 

@@ -91,9 +91,14 @@ def _to_number(s: str) -> float | None:
 
 
 def answers_match(predicted: str | None, reference: Any) -> bool:
-    """Numeric equality (1e-6 relative) when both are numbers, else normalised string equality."""
+    """Numeric equality (1e-6 relative) when both are numbers, else normalised string equality.
+    A list of references means "any of these" (the data refuses objects as answers)."""
     if predicted is None or reference is None:
         return False
+    if isinstance(reference, (list, tuple)):
+        return any(answers_match(predicted, r) for r in reference)
+    if isinstance(reference, dict):
+        raise TypeError(f"an answer cannot be an object ({reference!r:.60}); give a string, number or list")
     reference = str(reference)
     if "####" in reference:  # a GSM8K solution: the answer follows the last ####
         hashes = _HASHES.findall(reference)

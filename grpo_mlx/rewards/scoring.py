@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -126,6 +127,8 @@ def _validate(name: str, values: Any, completions: list, delimiter: str = "\n"):
 def _call_with_timeout(fn: RewardFn, timeout: float | None, **kwargs):
     """Run fn in a worker thread and wait at most `timeout` seconds. A Python thread cannot be
     killed: a hung function is abandoned (daemon thread) and reported; the run stops or skips."""
+    if getattr(fn, "runs_in_process", False):  # its worker process keeps its own time limit
+        return fn(**kwargs)
     if not timeout:
         return fn(**kwargs)
     result: dict = {}
@@ -144,6 +147,23 @@ def _call_with_timeout(fn: RewardFn, timeout: float | None, **kwargs):
     if "error" in result:
         raise result["error"]
     return result["value"]
+
+
+def _from_signal(e: KeyboardInterrupt) -> bool:
+    """A KeyboardInterrupt raised by a signal handler (Ctrl-C) rather than by the function: the
+    innermost frame is grpo-mlx's own handler or in the main thread outside user code. One a
+    reward function raises itself, or one in the worker thread (signals reach only the main
+    thread), is the function's failure."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return True
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # grpo_mlx/
+    innermost = os.path.abspath(tb.tb_frame.f_code.co_filename)
+    return innermost.startswith(package) and innermost != os.path.abspath(__file__)
 
 
 def compute_rewards(
@@ -171,10 +191,13 @@ def compute_rewards(
             key, k = f"{name}_{k}", k + 1
         try:
             values = _call_with_timeout(fn, timeout, prompts=prompts, completions=completions, **columns)
-        except Exception as e:
+        except (Exception, SystemExit, KeyboardInterrupt) as e:
+            if isinstance(e, KeyboardInterrupt) and _from_signal(e):
+                raise  # the user's Ctrl-C, not the function's
             text = _preview(completions, 0)
+            what = f"called sys.exit({e.code!r})" if isinstance(e, SystemExit) else f"failed: {type(e).__name__}: {e}"
             raise RewardFunctionError(
-                f"reward function {name!r} failed: {type(e).__name__}: {e} (on completion: {text[:200]!r})", name, text
+                f"reward function {name!r} {what} (on completion: {text[:200]!r})", name, text
             ) from e
         per_function[key], fn_steps = _validate(name, values, completions, getattr(fn, "step_delimiter", "\n"))
         if fn_steps is not None:  # enters the advantages per token, not the outcome total
