@@ -359,57 +359,64 @@ def build_resumed_config(
     return cfg
 
 
-def coerce(name: str, value: Any, source: str | None = None) -> Any:  # noqa: C901
+def coerce(name: str, value: Any, source: str | None = None) -> Any:
     """Convert a YAML/flag value to the field's type, with an error naming the key."""
     where = f"{source}: " if source else ""
     annotation = str(FIELDS[name].type)
     if value is None:
-        if annotation.endswith("| None") or "Optional" in annotation:
+        if "None" in annotation:  # `X | None`: null means "unset"
             return None
         raise ConfigError(f"{where}'{name}': null is not a value for this option (remove the line to get its default)")
     if "list" not in annotation and isinstance(value, (list, tuple, dict)):
         raise ConfigError(f"{where}'{name}': expected one value, got {type(value).__name__} {value!r:.60}")
     try:
         if "list" in annotation:
-            if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
-            if not isinstance(value, (list, tuple)):
-                value = [value]
-            if name == "reward_weights":
-                bad = [v for v in value if isinstance(v, bool) or not isinstance(v, (int, float, str))]
-                if bad:
-                    raise ConfigError(f"{where}'{name}': expected numbers, got {bad[0]!r:.60}")
-                return [float(v) for v in value]
-            bad = [v for v in value if not isinstance(v, str)]
-            if bad:  # str(5) or str({...}) would become a stop string or key nobody wrote
-                raise ConfigError(
-                    f"{where}'{name}': expected a list of strings, got {type(bad[0]).__name__} {bad[0]!r:.60}"
-                )
-            return list(value)
-        if "bool" in annotation:
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if "int" in annotation:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError(value)
-            return int(value)
-        if "float" in annotation:
-            if isinstance(value, bool):
-                raise ValueError(value)
-            return float(value)
-        if not isinstance(value, str):
-            raise ValueError(value)
-        return value
+            return _coerce_list(name, value, where)
+        return _coerce_scalar(annotation, value)
     except ConfigError:
         raise
     except (TypeError, ValueError):
-        kind = annotation.replace("Optional[", "").rstrip("]").removesuffix(" | None")
+        kind = annotation.replace(" | None", "")
         raise ConfigError(f"{where}'{name}': expected {kind}, got {value!r}") from None
+
+
+def _coerce_list(name: str, value: Any, where: str) -> list:
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)):
+        value = [value]
+    if name == "reward_weights":
+        bad = [v for v in value if isinstance(v, bool) or not isinstance(v, (int, float, str))]
+        if bad:
+            raise ConfigError(f"{where}'{name}': expected numbers, got {bad[0]!r:.60}")
+        return [float(v) for v in value]
+    bad = [v for v in value if not isinstance(v, str)]
+    if bad:  # str(5) or str({...}) would become a stop string or key nobody wrote
+        raise ConfigError(f"{where}'{name}': expected a list of strings, got {type(bad[0]).__name__} {bad[0]!r:.60}")
+    return list(value)
+
+
+def _coerce_scalar(annotation: str, value: Any) -> Any:
+    """One value as the annotation's type; ValueError when it is not one."""
+    if "bool" in annotation:
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        return bool(value)
+    if "int" in annotation:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(value)
+        return int(value)
+    if "float" in annotation:
+        if isinstance(value, bool):
+            raise ValueError(value)
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError(value)  # a number or object where text belongs
+    return value
 
 
 def validate(cfg: TrainConfig) -> None:

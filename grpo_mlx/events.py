@@ -211,7 +211,7 @@ class JsonlSink:
     def _open(self, name: str):
         # unbuffered bytes: a line is on disk when write returns, and nothing half-written stays
         # in a buffer to reappear when the file is closed after a failure
-        f = open(os.path.join(self.run_dir, name), "ab", buffering=0)  # noqa: SIM115  (closed by close())
+        f = open(os.path.join(self.run_dir, name), "ab", buffering=0)  # noqa: SIM115 (closed by close())
         self.files.append(f)
         return f
 
@@ -260,7 +260,7 @@ class JsonlSink:
 
     def close(self) -> None:
         for f in self.files:
-            with contextlib.suppress(OSError):  # unflushable: the file keeps its last whole line
+            with contextlib.suppress(OSError):  # unbuffered: nothing is left to flush
                 f.close()
         self.files = []
 

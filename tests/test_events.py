@@ -1,7 +1,5 @@
 """The event contract: typed events round-trip through their JSON form, a line that is not an
-event is refused by name, every metric the TUI charts is one the trainer really writes, and
-JsonlSink on a full or read-only disk keeps only whole lines, keeps the error, reports it once
-and asks the run to stop (no chained tracebacks from later events)."""
+event is refused by name, and every metric the TUI charts is one the trainer really writes."""
 
 import errno
 import json
@@ -86,6 +84,9 @@ def test_every_charted_metric_is_written_by_a_real_step(tmp_path):
     for name, _, _ in CHARTS:
         assert name in metrics, f"the dashboard charts {name!r} but the trainer does not write it"
     assert M.reward_mean("accuracy") in metrics and M.time_of("update") in metrics
+
+
+# ------------------------------------------------------------------ a full or read-only disk
 
 
 @pytest.fixture

@@ -151,9 +151,9 @@ def _call_with_timeout(fn: RewardFn, timeout: float | None, **kwargs):
 
 def _from_signal(e: KeyboardInterrupt) -> bool:
     """A KeyboardInterrupt raised by a signal handler (Ctrl-C) rather than by the function: the
-    innermost frame is grpo-mlx's own handler or in the main thread outside user code. One a
-    reward function raises itself, or one in the worker thread (signals reach only the main
-    thread), is the function's failure."""
+    innermost frame is grpo-mlx's own handler (outside this package's reward code). One a reward
+    function raises itself, or one in the worker thread (signals reach only the main thread), is
+    the function's failure."""
     if threading.current_thread() is not threading.main_thread():
         return False
     tb = e.__traceback__
@@ -162,8 +162,9 @@ def _from_signal(e: KeyboardInterrupt) -> bool:
     if tb is None:
         return True
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # grpo_mlx/
+    rewards_dir = os.path.dirname(os.path.abspath(__file__))
     innermost = os.path.abspath(tb.tb_frame.f_code.co_filename)
-    return innermost.startswith(package) and innermost != os.path.abspath(__file__)
+    return innermost.startswith(package) and not innermost.startswith(rewards_dir)
 
 
 def compute_rewards(
