@@ -56,6 +56,17 @@ class TrainingStopped(UserError, RuntimeError):
     """The run ended early on purpose (a reward function failed); a checkpoint was saved."""
 
 
+def reward_functions(cfg: TrainConfig) -> list:
+    """The run's (name, function) pairs; custom ones in worker processes with --reward-isolation process."""
+    fns = [
+        rewards.resolve_reward(spec, max_completion_length=cfg.max_completion_length) for spec in cfg.reward_functions
+    ]
+    if cfg.reward_isolation == "process":
+        fns = reward_worker.isolate(cfg.reward_functions, fns, cfg.reward_timeout,
+                                    max_completion_length=cfg.max_completion_length)  # fmt: skip
+    return fns
+
+
 def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
     total = max(cfg.iters * cfg.num_iterations, 1)
     decay = optim.cosine_decay(
@@ -79,17 +90,7 @@ class Trainer:
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
-        self.reward_fns = [
-            rewards.resolve_reward(spec, max_completion_length=cfg.max_completion_length)
-            for spec in cfg.reward_functions
-        ]
-        if cfg.reward_isolation == "process":  # custom rewards in worker processes
-            self.reward_fns = reward_worker.isolate(
-                cfg.reward_functions,
-                self.reward_fns,
-                cfg.reward_timeout,
-                max_completion_length=cfg.max_completion_length,
-            )
+        self.reward_fns = reward_functions(cfg)
         self.train_examples = data.load_split(cfg.data, "train", prompt_key=cfg.prompt_key, answer_key=cfg.answer_key)
         self.eval_examples = []
         if cfg.eval_limit > 0:
@@ -150,10 +151,7 @@ class Trainer:
         """A trainer over a model (adapters already added) and prepared examples held in memory,
         for the benchmark and tests: the same step, without loading anything or a run directory."""
         trainer = cls(cfg, bus)
-        trainer.reward_fns = [
-            rewards.resolve_reward(spec, max_completion_length=cfg.max_completion_length)
-            for spec in cfg.reward_functions
-        ]
+        trainer.reward_fns = reward_functions(cfg)
         trainer.world = World()
         trainer._assemble(model, tokenizer, list(train_examples), list(eval_examples), adapter_config)
         return trainer

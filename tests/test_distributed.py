@@ -3,6 +3,7 @@ single process with the same global batch and seed, and only rank 0 writes the r
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -11,22 +12,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-ARGS = [
-    "train",
-    "--batch-size",
-    "4",
-    "--group-size",
-    "4",
-    "--iters",
-    "4",
-    "--eval-limit",
-    "0",
-    "--learning-rate",
-    "1e-3",
-    "--save-every",
-    "2",
-]
+ARGS = shlex.split("train --batch-size 4 --group-size 4 --iters 4 --eval-limit 0 --learning-rate 1e-3 --save-every 2")
 LAUNCH = shutil.which("mlx.launch", path=os.path.dirname(sys.executable)) or shutil.which("mlx.launch")
+# `python -m grpo_mlx` as two local ranks
+TWO_RANKS = [LAUNCH, "-n", "2", "--backend", "ring", "--python", sys.executable, "--", "-m", "grpo_mlx"]
 
 
 def run(cmd, timeout=600):
@@ -45,16 +34,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     run([sys.executable, "-m", "grpo_mlx", *ARGS, "--adapter-path", str(single)])
     proc = run(
         [
-            LAUNCH,
-            "-n",
-            "2",
-            "--backend",
-            "ring",
-            "--python",
-            sys.executable,
-            "--",
-            "-m",
-            "grpo_mlx",
+            *TWO_RANKS,
             *ARGS,
             "--adapter-path",
             str(double),
@@ -80,16 +60,7 @@ def test_two_ranks_equal_one_process(tmp_path):
 def test_batch_must_divide_across_ranks(tmp_path):
     proc = subprocess.run(
         [
-            LAUNCH,
-            "-n",
-            "2",
-            "--backend",
-            "ring",
-            "--python",
-            sys.executable,
-            "--",
-            "-m",
-            "grpo_mlx",
+            *TWO_RANKS,
             "train",
             "--batch-size",
             "3",
