@@ -25,13 +25,16 @@ DEMO_DIR = Path(__file__).parent / "demo"
 DEMO_MODEL = str(DEMO_DIR / "model")
 DEMO_DATA = str(DEMO_DIR / "data")
 
-# The choices of each option, once: the loss and advantage functions check against these too.
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+# The choices of each option, once: the loss and advantage functions check against these too,
+# and this MLX-free module validates a config with them without loading MLX.
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "vespo", "luspo", "gmpo")
+CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # PPO's clipped surrogate
 SCALE_REWARDS = ("group", "batch", "none")
 IMPORTANCE_LEVELS = ("token", "sequence")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 BASELINES = ("mean", "leave_one_out")
 REWARD_COMBINATIONS = ("sum", "normalize_each")
+IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 FINE_TUNE_TYPES = ("lora", "dora")
 REWARD_ISOLATION = ("thread", "process")
 SEED_LIMIT = 2**32  # numpy's and MLX's seeds are unsigned 32/64-bit; negative ones fail mid-run
@@ -97,13 +100,23 @@ class TrainConfig:
     )
     reward_weights: list | None = _f(None, "Weight of each reward function (default: all 1).")
     scale_rewards: str = _f("group", "Advantage scaling: group (z-score in group), batch (batch std), none (Dr. GRPO).")
-    loss_type: str = _f("grpo", "Loss: grpo, bnpo, dr_grpo, dapo (aggregations of the clipped objective) or cispo.")
+    loss_type: str = _f(
+        "grpo",
+        "Loss: grpo, bnpo, dr_grpo, dapo, luspo (aggregations of the clipped objective), cispo, sapo (soft gate), "
+        "vespo (gamma-weighted) or gmpo (geometric mean).",
+    )
     importance_sampling_level: str = _f("token", "Importance ratio per token (GRPO) or per sequence (GSPO).")
     beta: float = _f(
         0.0, "KL penalty coefficient towards the reference (the base model, adapters off). 0 skips the reference pass."
     )
-    epsilon: float = _f(0.2, "Lower clipping range of the importance ratio.")
-    epsilon_high: float | None = _f(None, "Upper clipping range (DAPO clip-higher); default: epsilon.")
+    epsilon: float = _f(
+        0.2, "Lower clipping range of the importance ratio (gmpo: of the log-ratio; its paper uses 0.4)."
+    )
+    epsilon_high: float | None = _f(
+        None,
+        "Upper clipping range (DAPO clip-higher); default: epsilon. cispo: the absolute cap of the ratio (default "
+        "5, ScaleRL). gmpo: log space.",
+    )
     kl_estimator: str = _f("k3", "KL estimator: k1 (log ratio), k2 (half squared log ratio) or k3 (exp(x) - x - 1).")
     kl_in_reward: bool = _f(
         False, "Subtract beta * KL of each completion from its reward instead of adding beta * KL to the loss."
@@ -123,6 +136,63 @@ class TrainConfig:
     num_iterations: int = _f(
         1, "Updates per rollout batch (mu). With 1 the ratio is exactly 1 and clipping never acts."
     )
+    sapo_temperature_pos: float = _f(1.0, "sapo: temperature of the soft gate for positive advantages.")
+    sapo_temperature_neg: float = _f(1.05, "sapo: temperature of the soft gate for non-positive advantages.")
+    vespo_k_pos: float = _f(2.0, "vespo: power k of the gamma weight for advantages >= 0 (down-weights ratios < 1).")
+    vespo_lambda_pos: float = _f(
+        3.0, "vespo: decay lambda of the gamma weight for advantages >= 0 (down-weights ratios > 1)."
+    )
+    vespo_k_neg: float = _f(3.0, "vespo: power k of the gamma weight for negative advantages.")
+    vespo_lambda_neg: float = _f(2.0, "vespo: decay lambda of the gamma weight for negative advantages.")
+    mask_truncated_completions: bool = _f(
+        False, "Completions cut at max-completion-length contribute nothing to the loss (DAPO)."
+    )
+    top_entropy_quantile: float = _f(
+        1.0,
+        "Policy loss only on the tokens in this top fraction of the batch's entropies (0.2 in the 80/20 paper; 1 = "
+        "all).",
+    )
+    entropy_coef: float = _f(0.0, "Entropy bonus: subtract this times the mean token entropy from the loss (0 = off).")
+    use_adaptive_entropy: bool = _f(
+        False,
+        "Skywork-OR1 adaptive entropy: raise entropy-coef by entropy-coef-delta while the entropy is at or below "
+        "entropy-target, lower it otherwise; applied only at or below the target.",
+    )
+    entropy_target: float = _f(0.2, "Adaptive entropy: the target mean token entropy (nats).")
+    entropy_coef_min: float = _f(0.0, "Adaptive entropy: lower bound of the coefficient.")
+    entropy_coef_max: float = _f(1.0, "Adaptive entropy: upper bound of the coefficient.")
+    entropy_coef_delta: float = _f(0.005, "Adaptive entropy: change of the coefficient per step.")
+    off_policy_mask_threshold: float | None = _f(
+        None,
+        "DeepSeek-V3.2: drop sequences with negative advantage whose mean KL(sampler || policy) per token exceeds "
+        "this (e.g. 0.5).",
+    )
+    use_bias_correction_kl: bool = _f(
+        False,
+        "Multiply the per-token KL by the importance ratio (DeepSeek-V3.2): the unbiased gradient of KL(policy || "
+        "reference). Off by default (the GRPO paper's k3 term); TRL 1.16 turns it on.",
+    )
+    importance_sampling_correction: bool = _f(
+        False,
+        "Weight the loss by the ratio of the training to the sampling log-probabilities, to correct a "
+        "sampler/trainer mismatch.",
+    )
+    importance_sampling_mode: str = _f(
+        "sequence_mask", "Mismatch correction: token_truncate, token_mask, sequence_truncate or sequence_mask."
+    )
+    importance_sampling_clip_max: float | None = _f(
+        3.0, "Mismatch correction: ratios above this are clipped (*_truncate) or zeroed (*_mask)."
+    )
+    importance_sampling_clip_min: float | None = _f(
+        None, "Mismatch correction: ratios below this are clipped (*_truncate) or zeroed (*_mask)."
+    )
+    sync_ref_model: bool = _f(
+        False,
+        "TR-DPO: every ref-model-sync-steps steps the reference adapters become alpha * policy + (1 - alpha) * "
+        "reference.",
+    )
+    ref_model_mixup_alpha: float = _f(0.6, "TR-DPO: the weight alpha of the policy in the reference update.")
+    ref_model_sync_steps: int = _f(512, "TR-DPO: steps between reference updates.")
     dynamic_sampling: bool = _f(
         False, "Drop groups whose rewards are all equal and sample more prompts to refill the batch (DAPO)."
     )
@@ -504,12 +574,104 @@ def validate(cfg: TrainConfig) -> None:
         "reward_weights",
         f"needs one weight per reward function ({len(cfg.reward_functions)})",
     )
+    _validate_objective(cfg, need)
     n = cfg.batch_size * cfg.group_size
     need(
         cfg.gradient_accumulation_steps >= 1 and n % cfg.gradient_accumulation_steps == 0,
         "gradient_accumulation_steps",
         f"must be >= 1 and divide batch_size*group_size = {n}",
     )
+
+
+def _validate_objective(cfg: TrainConfig, need) -> None:
+    """The loss types' and the objective options' keys (TRL's names and meanings)."""
+    lt = cfg.loss_type
+    if lt == "cispo":
+        need(
+            cfg.epsilon_high is None or cfg.epsilon_high >= 1,
+            "epsilon_high",
+            "with loss_type cispo it is the absolute cap of the importance ratio (ScaleRL uses 5); below 1 it "
+            "would shrink even on-policy tokens",
+        )
+    need(
+        cfg.delta is None or lt in CLIPPED_LOSS_TYPES,
+        "delta",
+        f"applies only to the clipped loss types ({', '.join(CLIPPED_LOSS_TYPES)}), not {lt}",
+    )
+    need(
+        lt != "vespo" or cfg.importance_sampling_level == "token",
+        "importance_sampling_level",
+        "vespo builds its own sequence weight from the token ratios: use token",
+    )
+    need(
+        lt != "gmpo" or cfg.importance_sampling_level == "token",
+        "importance_sampling_level",
+        "gmpo takes the geometric mean of the token ratios itself: use token",
+    )
+    need(
+        lt != "luspo" or cfg.importance_sampling_level == "sequence",
+        "importance_sampling_level",
+        "luspo is defined with sequence-level ratios: use sequence",
+    )
+    need(cfg.sapo_temperature_pos > 0, "sapo_temperature_pos", "must be > 0")
+    need(cfg.sapo_temperature_neg > 0, "sapo_temperature_neg", "must be > 0")
+    for key in ("vespo_k_pos", "vespo_k_neg"):
+        need(getattr(cfg, key) >= 0, key, "must be >= 0")
+    for key in ("vespo_lambda_pos", "vespo_lambda_neg"):
+        need(getattr(cfg, key) > 0, key, "must be > 0")
+    need(0 <= cfg.top_entropy_quantile <= 1, "top_entropy_quantile", "must be in [0, 1] (1 keeps every token)")
+    need(cfg.entropy_coef_delta >= 0, "entropy_coef_delta", "must be >= 0")
+    need(
+        cfg.entropy_coef_min <= cfg.entropy_coef_max,
+        "entropy_coef_min",
+        f"must be <= entropy_coef_max = {cfg.entropy_coef_max:g}",
+    )
+    need(
+        not cfg.use_adaptive_entropy or cfg.entropy_coef_min <= cfg.entropy_coef <= cfg.entropy_coef_max,
+        "entropy_coef",
+        f"with use_adaptive_entropy it must lie in [entropy_coef_min, entropy_coef_max] = "
+        f"[{cfg.entropy_coef_min:g}, {cfg.entropy_coef_max:g}]",
+    )
+    need(
+        cfg.off_policy_mask_threshold is None or cfg.off_policy_mask_threshold >= 0,
+        "off_policy_mask_threshold",
+        "must be >= 0",
+    )
+    need(
+        cfg.importance_sampling_mode in IMPORTANCE_SAMPLING_MODES,
+        "importance_sampling_mode",
+        f"must be one of {', '.join(IMPORTANCE_SAMPLING_MODES)}",
+    )
+    lo, hi = cfg.importance_sampling_clip_min, cfg.importance_sampling_clip_max
+    need(
+        lo is None or hi is None or lo < hi,
+        "importance_sampling_clip_min",
+        f"must be less than importance_sampling_clip_max = {hi}",
+    )
+    if cfg.importance_sampling_correction:
+        need(
+            lo is not None or hi is not None or cfg.importance_sampling_mode.endswith("_mask"),
+            "importance_sampling_clip_max",
+            "a *_truncate importance_sampling_mode needs importance_sampling_clip_max or importance_sampling_clip_min",
+        )
+        need(
+            lt != "vespo" or cfg.importance_sampling_mode.startswith("token"),
+            "importance_sampling_mode",
+            "vespo folds the correction into its sequence weight token by token: use token_truncate or token_mask",
+        )
+        need(
+            lt != "gmpo",
+            "importance_sampling_correction",
+            "gmpo has no per-token loss to weight; turn the correction off",
+        )
+    need(not cfg.sync_ref_model or cfg.beta > 0, "sync_ref_model", "needs beta > 0: with beta = 0 no reference is used")
+    need(
+        not cfg.sync_ref_model or cfg.ref_update_every == 0,
+        "sync_ref_model",
+        "and ref_update_every both move the reference; ref_update_every N is sync_ref_model with alpha 1 every N steps",
+    )
+    need(0 <= cfg.ref_model_mixup_alpha <= 1, "ref_model_mixup_alpha", "must be in [0, 1]")
+    need(cfg.ref_model_sync_steps >= 1, "ref_model_sync_steps", "must be at least 1")
 
 
 def default_run_dir() -> str:

@@ -125,7 +125,13 @@ def chunked_token_logprobs(
 
 
 def completion_logprobs(
-    model, tokens, prompt_lens, completion_len: int, temperature: float = 1.0, chunk_bytes: int = LOGPROB_CHUNK_BYTES
+    model,
+    tokens,
+    prompt_lens,
+    completion_len: int,
+    temperature: float = 1.0,
+    chunk_bytes: int = LOGPROB_CHUNK_BYTES,
+    entropy: str | None = None,
 ):
     """Teacher-forced log-probabilities of the completion tokens at logits / temperature.
 
@@ -136,7 +142,13 @@ def completion_logprobs(
     The transformer body runs once over all positions; only the T completion positions of each
     row go through the lm-head, in chunks of rows (chunked_token_logprobs), so the (N, T, V)
     logits are never materialised. Models that cannot be split run whole.
+
+    entropy: None, "value" (the per-token entropy too, without gradient: the entropy mask),
+    returning (logp, entropy), or "grad" (with its gradient: the entropy bonus), returning
+    (logp, entropy, the same entropies without gradient); all (N, T), from one body pass.
     """
+    from grpo_mlx.entropy import chunked_token_entropy, token_entropy_from_logits
+
     positions = prompt_lens[:, None] - 1 + mx.arange(completion_len)[None]  # (N, T)
     positions = mx.minimum(positions, tokens.shape[1] - 2)  # padded tail; masked by the caller
     targets = mx.take_along_axis(tokens, positions + 1, axis=1)  # (N, T)
@@ -144,8 +156,18 @@ def completion_logprobs(
     if split is None:
         logits = model(tokens[:, :-1])  # (N, L-1, V)
         logits = mx.take_along_axis(logits, positions[..., None], axis=1)  # (N, T, V)
-        return token_logprobs_from_logits(logits, targets, temperature)  # (N, T)
+        logp = token_logprobs_from_logits(logits, targets, temperature)  # (N, T)
+        if entropy is None:
+            return logp
+        ent = token_entropy_from_logits(logits, temperature)  # (N, T)
+        return (logp, ent, mx.stop_gradient(ent)) if entropy == "grad" else (logp, mx.stop_gradient(ent))
     body, head = split
     hidden = body(tokens[:, :-1])  # (N, L-1, D)
     hidden = mx.take_along_axis(hidden, positions[..., None], axis=1)  # (N, T, D)
-    return chunked_token_logprobs(head, hidden, targets, temperature, model._grpo_vocab, chunk_bytes)  # (N, T)
+    logp = chunked_token_logprobs(head, hidden, targets, temperature, model._grpo_vocab, chunk_bytes)  # (N, T)
+    if entropy is None:
+        return logp
+    ent = chunked_token_entropy(
+        head, hidden, temperature, model._grpo_vocab, chunk_bytes, differentiable=entropy == "grad"
+    )  # (N, T), or that and its value
+    return (logp, *ent) if entropy == "grad" else (logp, ent)

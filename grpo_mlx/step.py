@@ -31,7 +31,7 @@ from mlx.utils import tree_flatten, tree_map
 from grpo_mlx import metric_names as M
 from grpo_mlx.batch import Batch, Group
 from grpo_mlx.logprobs import completion_logprobs
-from grpo_mlx.loss import kl_divergence, policy_loss
+from grpo_mlx.loss import kl_divergence, mismatch_weights, policy_loss
 from grpo_mlx.rewards import RewardResult
 from grpo_mlx.sampler import Rollout
 from grpo_mlx.world import World
@@ -170,14 +170,37 @@ def sequence_kl(model: nn.Module, batch: Batch, ref_logp: mx.array, temperature:
 # ------------------------------------------------------------------ 5. update the adapters
 
 
-def make_loss_and_grad(model: nn.Module, temperature: float, **loss_options):
-    """The compiled (loss, metrics, logp, gradients) of one micro-batch, with the model's state
-    and the random state as the compiled function's state. `loss_options` go to policy_loss."""
+@dataclass(frozen=True)
+class Objective:
+    """What the update needs besides policy_loss's keywords (TRL's options that act on the
+    whole batch, not one micro-batch): with the defaults the update is plain GRPO."""
 
-    def loss_fn(tokens, prompt_lens, mask, advantages, old_logp, ref_logp, n_items):
-        logp = completion_logprobs(model, tokens, prompt_lens, mask.shape[1], temperature)  # (n, T)
+    mask_truncated: bool = False  # mask_truncated_completions: cut completions leave the loss
+    top_entropy_quantile: float = 1.0  # < 1: the loss acts on the batch's high-entropy tokens
+    entropy_bonus: bool = False  # entropy_coef (fixed or adaptive) may be non-zero
+    off_policy_mask: bool = False  # off_policy_mask_threshold is set: the sampler's log-probs go in
+    mismatch: dict | None = None  # importance-sampling correction: mode, clip_max, clip_min
+
+    @property
+    def entropy(self) -> str | None:
+        """What the training pass computes besides the log-probs."""
+        if self.entropy_bonus:
+            return "grad"
+        return "value" if self.top_entropy_quantile < 1.0 else None
+
+
+def make_loss_and_grad(model: nn.Module, temperature: float, entropy: str | None = None, **loss_options):
+    """The compiled (loss, metrics, logp, gradients) of one micro-batch, with the model's state
+    and the random state as the compiled function's state. `loss_options` go to policy_loss;
+    `entropy` ("value" or "grad") adds the per-token entropy to the pass (Objective.entropy).
+    The per-step inputs that are not always present travel in `extra`, a dict of arrays."""
+
+    def loss_fn(tokens, prompt_lens, mask, advantages, old_logp, ref_logp, n_items, extra):
+        out = completion_logprobs(model, tokens, prompt_lens, mask.shape[1], temperature, entropy=entropy)
+        logp, ent, ent_value = (out, None, None) if entropy is None else (*out, None)[:3]  # (n, T) each
         old = mx.stop_gradient(logp) if old_logp is None else old_logp  # (n, T)
-        loss, metrics = policy_loss(logp, old, ref_logp, advantages, mask, num_items_in_batch=n_items, **loss_options)
+        loss, metrics = policy_loss(logp, old, ref_logp, advantages, mask, num_items_in_batch=n_items, entropy=ent,
+                                    entropy_value=ent_value, **extra, **loss_options)  # fmt: skip
         return loss, metrics, logp
 
     value_and_grad = nn.value_and_grad(model, loss_fn)
@@ -188,6 +211,58 @@ def make_loss_and_grad(model: nn.Module, temperature: float, **loss_options):
 
     state = [model.state, mx.random.state]
     return mx.compile(step, inputs=state, outputs=state)
+
+
+def policy_pass(model: nn.Module, batch: Batch, temperature: float, micro: list, entropy: bool):
+    """The current policy's log-probs (and entropies) of the whole batch, without gradient, in
+    eval mode, micro-batch by micro-batch: for what must be known over the whole batch before
+    the first gradient pass. Returns (logp (N, T), entropy (N, T) | None), evaluated."""
+    model.eval()
+    try:
+        logps, ents = [], []
+        for rows in micro:
+            out = completion_logprobs(
+                model,
+                batch.tokens[rows],
+                batch.prompt_lens[rows],
+                batch.mask.shape[1],
+                temperature,
+                entropy="value" if entropy else None,
+            )
+            logp, ent = out if entropy else (out, None)
+            mx.eval(logp, ent)
+            logps.append(logp)
+            ents.append(ent)
+    finally:
+        model.train()
+    return mx.concatenate(logps), mx.concatenate(ents) if entropy else None
+
+
+def training_mask(batch: Batch, mask_truncated: bool):
+    """(N, T) completion-token mask of the loss: DAPO's overlong filtering takes the
+    completions cut at the length limit out of it (their tokens, the KL, the token count)."""
+    if not mask_truncated:
+        return batch.mask
+    cut = np.array([r == "length" for r in batch.rollout.finish_reasons])  # (N,)
+    return batch.mask * mx.array(1.0 - cut.astype(np.float32))[:, None]  # (N, T)
+
+
+def sampling_logprobs(batch: Batch):
+    """(N, T) the log-probs the sampler recorded, padded to the training width."""
+    lp = batch.rollout.logprobs  # (N, t)
+    T = batch.mask.shape[1]
+    return mx.array(np.pad(lp, ((0, 0), (0, T - lp.shape[1]))))  # (N, T)
+
+
+def entropy_threshold_over(entropy, mask, top_entropy_quantile: float, world: World) -> mx.array:
+    """The top_entropy_quantile threshold over every completion token of the global batch (all
+    micro-batches, all ranks): torch.quantile's linear rule, the one policy_loss uses within a
+    call. No token: +inf (none kept)."""
+    values = np.array(entropy)[np.array(mask) > 0]  # this rank's completion tokens
+    values = world.gather_ragged(values.astype(np.float32))
+    if values.size == 0:
+        return mx.array(np.inf, dtype=mx.float32)
+    return mx.array(np.quantile(values.astype(np.float64), 1.0 - top_entropy_quantile), dtype=mx.float32)
 
 
 @dataclass
@@ -210,31 +285,50 @@ def update_policy(
     micro_batches: int,
     max_grad_norm: float,
     world: World,
+    objective: Objective = Objective(),
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
 ) -> Update:
     """μ = num_iterations optimizer updates on the batch; each accumulates the gradients of
     `micro_batches` slices. The first pass's log-probabilities are the "old" policy of the later
-    ones. A non-finite update is never applied (every rank takes the same decision)."""
+    ones. A non-finite update is never applied (every rank takes the same decision).
+    `objective` adds TRL's batch-wide options; `temperature` is the sampling temperature (for
+    the forward-only pass some of them need)."""
     k = micro_batches
     n = batch.tokens.shape[0]
     micro = [slice(i * n // k, (i + 1) * n // k) for i in range(k)]
-    n_items = world.mean(batch.mask.sum()) / k  # dapo: normalised by the whole batch's tokens
-    old_logps = [None] * k
-    update = Update([], [], {})
+    mask = training_mask(batch, objective.mask_truncated)  # (N, T)
+    n_items = world.mean(mask.sum()) / k  # dapo: normalised by the whole batch's tokens
+    sampled = sampling_logprobs(batch)  # (N, T)
+    batch_wide_entropy = objective.top_entropy_quantile < 1.0 and (k > 1 or world.size > 1)
+    extra, seen = _batch_inputs(model, batch, mask, sampled, micro, objective, entropy_coef, temperature,
+                                batch_wide_entropy)  # fmt: skip
+    old_logps, first_logps = [None] * k, []
+    update = Update([], [], {key: [v] for key, v in seen.items()})
     model.train()
     for it in range(num_iterations):
         acc = None
+        if batch_wide_entropy:  # the threshold over the batch as the policy is now
+            if it > 0 or "entropy" not in extra:
+                extra["entropy"] = policy_pass(model, batch, temperature, micro, entropy=True)[1]
+            extra["entropy_threshold"] = entropy_threshold_over(
+                extra.pop("entropy"), mask, objective.top_entropy_quantile, world
+            )
         for j, rows in enumerate(micro):
             loss, metrics, logp, grads = loss_and_grad(
                 batch.tokens[rows],
                 batch.prompt_lens[rows],
-                batch.mask[rows],
+                mask[rows],
                 advantages[rows],
                 old_logps[j],
                 None if ref_logp is None else ref_logp[rows],
                 n_items,
+                {key: v if v.ndim == 0 else v[rows] for key, v in extra.items()},
             )
-            if it == 0 and num_iterations > 1:
-                old_logps[j] = mx.stop_gradient(logp)  # "old" policy = the first pass
+            if it == 0:
+                first_logps.append(mx.stop_gradient(logp))
+                if num_iterations > 1:
+                    old_logps[j] = first_logps[-1]  # "old" policy = the first pass
             acc = grads if acc is None else tree_map(mx.add, acc, grads)
             update.losses.append(loss)
             for key, v in metrics.items():
@@ -252,7 +346,30 @@ def update_policy(
             return update
         optimizer.update(model, acc)
         mx.eval(model.trainable_parameters(), optimizer.state, update.metrics)
+    if objective.mismatch is None:  # the sampler/trainer mismatch, measured at no extra cost
+        _, seen = mismatch_weights(mx.concatenate(first_logps), sampled, mask)
+        update.metrics.update({key: [v] for key, v in seen.items() if "logp_difference" in key})
     return update
+
+
+def _batch_inputs(model, batch, mask, sampled, micro, objective, entropy_coef, temperature, batch_wide_entropy):
+    """The per-row inputs of the loss that need the whole batch first (sliced per micro-batch
+    later; scalars as they are): the sampler's log-probs for the off-policy mask, the mismatch
+    correction's weights (from one forward pass of the policy that sampled), the entropy
+    coefficient. A forward pass made for the weights also gives the entropies of pass 1.
+    Returns (extra, the mismatch metrics)."""
+    extra, seen = {}, {}
+    if objective.off_policy_mask:
+        extra["sampling_logp"] = sampled
+    if objective.entropy_bonus:
+        extra["entropy_coef"] = mx.array(entropy_coef, dtype=mx.float32)
+    if objective.mismatch is not None:
+        old, ent = policy_pass(model, batch, temperature, micro, entropy=batch_wide_entropy)
+        weights, seen = mismatch_weights(old, sampled, mask, **objective.mismatch)
+        extra["importance_sampling_ratio"] = weights  # (N, T) or (N, 1)
+        if ent is not None:
+            extra["entropy"] = ent  # (N, T) taken out before the first pass
+    return extra, seen
 
 
 # ------------------------------------------------------------------ 6. report
@@ -304,13 +421,24 @@ def step_metrics(
         metrics[M.RESAMPLE_ROUNDS] = collected.resample_rounds
     if kl is not None:
         metrics[M.KL] = kl
-    for key, vals in update.metrics.items():
-        metrics[key] = float(world.mean(mx.mean(mx.stack(vals))).item())
+    for key, vals in update.metrics.items():  # the training pass's entropy replaces the sampler's
+        metrics[key] = _over_passes(key, vals, world)
     for name, vals in per_fn.items():
         finite = vals[~np.isnan(vals)]
         metrics[M.reward_mean(name)] = float(finite.mean()) if finite.size else float("nan")
         metrics[M.reward_std(name)] = float(finite.std(ddof=1)) if finite.size > 1 else 0.0
     return metrics
+
+
+def _over_passes(key: str, values: list, world: World) -> float:
+    """One figure from a metric's per-pass values on every rank: extremes stay extremes (TRL's
+    */min and *_max figures), the rest is the mean."""
+    v = mx.stack(values)
+    if key.endswith(("_min", "/min")):
+        return float(world.min(v.min()).item())
+    if key.endswith(("_max", "/max")):
+        return float(world.max(v.max()).item())
+    return float(world.mean(mx.mean(v)).item())
 
 
 def sample_groups(batch: Batch, shown: np.ndarray, advantages: np.ndarray, group_size: int, limit: int) -> list[dict]:

@@ -11,6 +11,7 @@ of (seed, epoch), so a resumed run repeats exactly what an uninterrupted one wou
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from grpo_mlx.config import ConfigError, TrainConfig, default_run_dir, to_dict
 from grpo_mlx.errors import UserError
 from grpo_mlx.evaluate import held_out
 from grpo_mlx.events import Control, EventBus, JsonlSink
+from grpo_mlx.loss import applied_entropy_coef, mix_reference, next_entropy_coef
 from grpo_mlx.policy import (
     adapters_disabled,
     adapters_replaced,
@@ -37,6 +39,7 @@ from grpo_mlx.policy import (
 )
 from grpo_mlx.sampler import Rollout, generate_groups, pad_id
 from grpo_mlx.step import (
+    Objective,
     Timing,
     collect_groups,
     make_loss_and_grad,
@@ -163,18 +166,19 @@ class Trainer:
         self.pad_id = pad_id(tokenizer)
         self.optimizer = make_optimizer(cfg)
         self.state = {"step": 0, "data_position": 0, "skipped_steps": 0}
-        self.ref_adapters = None  # iterative GRPO: the adapters the reference was last reset to
+        if cfg.use_adaptive_entropy:  # the controller's state, checkpointed for an exact resume
+            self.state.update(entropy_coef=cfg.entropy_coef, last_entropy=None)
+        # iterative GRPO / TR-DPO: the adapters the reference was last set to (None = adapters off);
+        # TR-DPO mixes into the reference, which starts as the policy at step 0
+        self.ref_adapters = snapshot_adapters(model) if cfg.sync_ref_model and cfg.beta > 0 else None
+        self.objective = objective(cfg)
         self._loss_and_grad = make_loss_and_grad(
             model,
             cfg.temperature,
-            loss_type=cfg.loss_type,
-            epsilon=cfg.epsilon,
-            epsilon_high=cfg.epsilon_high,
+            entropy=self.objective.entropy,
             beta=0.0 if cfg.kl_in_reward else cfg.beta,
-            importance_sampling_level=cfg.importance_sampling_level,
             max_completion_length=cfg.max_completion_length,
-            kl_estimator=cfg.kl_estimator,
-            delta=cfg.delta,
+            **{key: getattr(cfg, key) for key in LOSS_KEYS},
         )
         # what each stage takes from the configuration, gathered once
         self._sampling = dict(batch_size=cfg.batch_size, group_size=cfg.group_size, seed=cfg.seed,
@@ -184,7 +188,8 @@ class Trainer:
                                 combination=cfg.reward_combination, scale=cfg.scale_rewards,
                                 baseline=cfg.advantage_baseline)  # fmt: skip
         self._update = dict(num_iterations=cfg.num_iterations, micro_batches=cfg.gradient_accumulation_steps,
-                            max_grad_norm=cfg.max_grad_norm)  # fmt: skip
+                            max_grad_norm=cfg.max_grad_norm, objective=self.objective,
+                            temperature=cfg.temperature)  # fmt: skip
 
     def _check_ranks(self) -> None:
         """Data parallelism needs each rank to take an equal share of whole groups and every rank
@@ -250,6 +255,9 @@ class Trainer:
         with timing.phase("reference"):
             if cfg.ref_update_every and step > 0 and step % cfg.ref_update_every == 0:
                 self.ref_adapters = snapshot_adapters(self.model)  # iterative GRPO: reference = now
+            if self.ref_adapters and cfg.sync_ref_model and step > 0 and step % cfg.ref_model_sync_steps == 0:
+                now = snapshot_adapters(self.model)  # TR-DPO: reference <- alpha * policy + (1 - alpha) * reference
+                self.ref_adapters = mix_reference(self.ref_adapters, now, cfg.ref_model_mixup_alpha)
             ref_logp = reference_logprobs(self.model, self.reference, batch, cfg.temperature) if cfg.beta > 0 else None
             if ref_logp is not None and cfg.kl_in_reward:  # RLHF shaping: r - beta * KL, none in the loss
                 kl_seq, kl = sequence_kl(self.model, batch, ref_logp, cfg.temperature, cfg.kl_estimator)
@@ -263,9 +271,10 @@ class Trainer:
                                  rows=world.own_rows(len(totals)), **self._advantages)  # fmt: skip  # (N,) | (N, T)
 
         # 5. μ passes of loss + gradients over micro-batches, clipped, applied           (step, loss)
+        coef = self.entropy_coef()
         with timing.phase("update"):
             update = update_policy(self.model, self.optimizer, self._loss_and_grad, batch, adv, ref_logp,
-                                   world=world, **self._update)  # fmt: skip
+                                   world=world, entropy_coef=coef, **self._update)  # fmt: skip
         if update.skipped:  # never apply a non-finite update: count it, go on
             self.state["skipped_steps"] += 1
             text = f"step {step + 1}: non-finite loss or gradient norm; update skipped"
@@ -277,10 +286,32 @@ class Trainer:
                                learning_rate=float(self.optimizer.learning_rate.item()),
                                step_time=time.perf_counter() - t_step,
                                dynamic_sampling=cfg.dynamic_sampling)  # fmt: skip
+        self._after_update(metrics, coef)
         if world.is_main:
             groups = sample_groups(batch, shown, np.array(per_completion(adv, batch.mask)), G, cfg.samples_per_step)
             self.bus.emit(events.Samples(step=step + 1, groups=groups))  # numbered like the step event
         return metrics
+
+    def entropy_coef(self) -> float:
+        """The entropy bonus coefficient of this step: fixed, or the adaptive controller's, which
+        acts only while the last step's entropy was at or below the target."""
+        if not self.cfg.use_adaptive_entropy:
+            return self.cfg.entropy_coef
+        last = self.state["last_entropy"]
+        return applied_entropy_coef(self.state["entropy_coef"], math.inf if last is None else last,
+                                    self.cfg.entropy_target)  # fmt: skip
+
+    def _after_update(self, metrics: dict, coef: float) -> None:
+        """Report the applied entropy coefficient; move the adaptive one by this step's entropy."""
+        cfg = self.cfg
+        if self.objective.entropy_bonus:
+            metrics[M.ENTROPY_COEF] = coef
+        if cfg.use_adaptive_entropy and M.ENTROPY in metrics:
+            h = metrics[M.ENTROPY]
+            self.state["entropy_coef"] = next_entropy_coef(self.state["entropy_coef"], h, cfg.entropy_target,
+                                                           cfg.entropy_coef_delta, cfg.entropy_coef_min,
+                                                           cfg.entropy_coef_max)  # fmt: skip
+            self.state["last_entropy"] = h
 
     def sample(self, examples: list[dict], seeds: list[int]) -> Rollout:
         cfg = self.cfg
@@ -489,6 +520,28 @@ class Trainer:
                 json.dump(summary, f, indent=2)
         self.bus.emit(events.End(step=steps, summary=summary, status=status))
         return summary
+
+
+# policy_loss's keywords that are config keys of the same name
+LOSS_KEYS = ("loss_type", "epsilon", "epsilon_high", "importance_sampling_level", "kl_estimator", "delta",
+             "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+             "vespo_lambda_neg", "top_entropy_quantile", "off_policy_mask_threshold",
+             "use_bias_correction_kl")  # fmt: skip
+
+
+def objective(cfg: TrainConfig) -> Objective:
+    """The update's batch-wide options from the config (TRL's names)."""
+    mismatch = None
+    if cfg.importance_sampling_correction:
+        mismatch = dict(mode=cfg.importance_sampling_mode, clip_max=cfg.importance_sampling_clip_max,
+                        clip_min=cfg.importance_sampling_clip_min)  # fmt: skip
+    return Objective(
+        mask_truncated=cfg.mask_truncated_completions,
+        top_entropy_quantile=cfg.top_entropy_quantile,
+        entropy_bonus=cfg.entropy_coef != 0.0 or cfg.use_adaptive_entropy,
+        off_policy_mask=cfg.off_policy_mask_threshold is not None,
+        mismatch=mismatch,
+    )
 
 
 def all_skipped_message(n: int, cfg: TrainConfig, run_dir) -> str:

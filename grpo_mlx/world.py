@@ -42,6 +42,25 @@ class World:
             return x
         return np.array(mx.distributed.all_gather(mx.array(x), group=self.group))
 
+    def gather_ragged(self, x: np.ndarray) -> np.ndarray:
+        """Every rank's 1-D `x`, of any length, concatenated in rank order."""
+        if self.size == 1:
+            return x
+        sizes = self.gather(np.array([len(x)], dtype=np.int32))  # (size,)
+        padded = np.zeros(int(sizes.max()), dtype=x.dtype)
+        padded[: len(x)] = x
+        rows = self.gather(padded[None])  # (size, max)
+        return np.concatenate([rows[r, : sizes[r]] for r in range(self.size)])
+
+    def max(self, value):
+        """The largest over ranks of a per-rank scalar (an mx.array)."""
+        if self.size == 1:
+            return value
+        return mx.distributed.all_gather(value.reshape(1), group=self.group).max()
+
+    def min(self, value):
+        return -self.max(-value)
+
     def mean(self, value):
         """The mean over ranks of a per-rank figure (an mx.array)."""
         if self.size == 1:

@@ -242,3 +242,58 @@ def test_resume_elsewhere_or_without_config_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no config.json"):
         build_resumed_config(str(tmp_path / "empty"), {})
+
+
+@pytest.mark.parametrize(
+    "flags, key",
+    [
+        ({"loss_type": "cispo", "epsilon_high": 0.28}, "epsilon_high"),  # the old 1 + ε_high reading
+        ({"loss_type": "vespo", "importance_sampling_level": "sequence"}, "importance_sampling_level"),
+        ({"loss_type": "gmpo", "importance_sampling_level": "sequence"}, "importance_sampling_level"),
+        ({"loss_type": "luspo"}, "importance_sampling_level"),  # luspo needs sequence-level ratios
+        ({"loss_type": "sapo", "delta": 3.0}, "delta"),
+        ({"sapo_temperature_neg": 0.0}, "sapo_temperature_neg"),
+        ({"vespo_lambda_pos": 0.0}, "vespo_lambda_pos"),
+        ({"top_entropy_quantile": 1.5}, "top_entropy_quantile"),
+        ({"entropy_coef_min": 2.0}, "entropy_coef_min"),
+        ({"use_adaptive_entropy": True, "entropy_coef": 3.0}, "entropy_coef"),
+        ({"off_policy_mask_threshold": -0.1}, "off_policy_mask_threshold"),
+        ({"importance_sampling_mode": "token_clip"}, "importance_sampling_mode"),
+        ({"importance_sampling_clip_min": 4.0}, "importance_sampling_clip_min"),
+        ({"importance_sampling_correction": True, "loss_type": "vespo"}, "importance_sampling_mode"),
+        ({"importance_sampling_correction": True, "loss_type": "gmpo"}, "importance_sampling_correction"),
+        ({"sync_ref_model": True}, "sync_ref_model"),  # beta = 0: no reference to move
+        ({"sync_ref_model": True, "beta": 0.1, "ref_update_every": 5}, "sync_ref_model"),
+        ({"ref_model_mixup_alpha": 1.5}, "ref_model_mixup_alpha"),
+        ({"ref_model_sync_steps": 0}, "ref_model_sync_steps"),
+    ],
+)
+def test_objective_options_refused_with_their_key(flags, key):
+    with pytest.raises(ConfigError) as e:
+        build_config(flags)
+    assert f"'{key}'" in str(e.value)
+
+
+def test_objective_options_defaults_and_accepted_combinations():
+    cfg = build_config({})
+    assert (cfg.sapo_temperature_pos, cfg.sapo_temperature_neg) == (1.0, 1.05)
+    assert (cfg.vespo_k_pos, cfg.vespo_lambda_pos, cfg.vespo_k_neg, cfg.vespo_lambda_neg) == (2.0, 3.0, 3.0, 2.0)
+    assert cfg.top_entropy_quantile == 1.0 and cfg.entropy_coef == 0.0 and not cfg.use_bias_correction_kl
+    assert (cfg.importance_sampling_mode, cfg.importance_sampling_clip_max) == ("sequence_mask", 3.0)
+    assert (cfg.ref_model_mixup_alpha, cfg.ref_model_sync_steps) == (0.6, 512)
+    for flags in (
+        {"loss_type": "cispo", "epsilon_high": 5.0},
+        {"loss_type": "luspo", "importance_sampling_level": "sequence"},
+        {"loss_type": "gmpo", "epsilon": 0.4},
+        {"loss_type": "sapo"},
+        {"loss_type": "vespo"},
+        {"importance_sampling_correction": True, "importance_sampling_mode": "token_truncate"},
+        {"sync_ref_model": True, "beta": 0.04},
+        {"use_adaptive_entropy": True, "top_entropy_quantile": 0.2},
+    ):
+        build_config(flags)
+
+
+def test_config_stays_free_of_mlx():
+    code = "import sys, grpo_mlx.config; assert 'mlx.core' not in sys.modules, 'config imported MLX'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -57,6 +57,28 @@ def test_two_ranks_equal_one_process(tmp_path):
 
 
 @pytest.mark.skipif(LAUNCH is None, reason="mlx.launch is not installed")
+def test_batch_wide_objective_options_across_two_ranks(tmp_path):
+    """The entropy threshold is the quantile of the global batch's tokens (gathered from both
+    ranks, over micro-batches), and the per-sequence extremes are extremes over ranks: two ranks
+    give one process's figures and adapters. One process in two micro-batches holds exactly the
+    rows of the two ranks, so even the per-micro-batch means agree."""
+    options = shlex.split(
+        "--top-entropy-quantile 0.4 --loss-type dapo --num-iterations 2 --importance-sampling-correction --iters 3"
+    )
+    single, double = tmp_path / "single", tmp_path / "double"
+    run([sys.executable, "-m", "grpo_mlx", *ARGS, *options, "--gradient-accumulation-steps", "2",
+         "--adapter-path", str(single)])  # fmt: skip
+    run([*TWO_RANKS, *ARGS, *options, "--adapter-path", str(double)])
+    one, two = steps(single), steps(double)
+    for key in ("entropy_mask/kept_mean", "clip_ratio/high_max", "sampling/importance_sampling_ratio/min"):
+        assert [e["metrics"][key] for e in two] == pytest.approx([e["metrics"][key] for e in one], abs=1e-4), key
+    a = mx.load(str(single / "adapters.safetensors"))
+    b = mx.load(str(double / "adapters.safetensors"))
+    diff = np.concatenate([np.abs(np.array(a[k]) - np.array(b[k])).ravel() for k in a])
+    assert diff.max() < 2e-4
+
+
+@pytest.mark.skipif(LAUNCH is None, reason="mlx.launch is not installed")
 def test_batch_must_divide_across_ranks(tmp_path):
     proc = subprocess.run(
         [

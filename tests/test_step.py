@@ -155,7 +155,7 @@ def test_update_policy_never_applies_a_non_finite_update():
     optimizer = optim.SGD(learning_rate=0.1)
     before = np.array(model.w)
 
-    def loss_and_grad(tokens, prompt_lens, mask, adv, old, ref, n_items):
+    def loss_and_grad(tokens, prompt_lens, mask, adv, old, ref, n_items, extra):
         loss = mx.array(float("nan"))
         return loss, {}, mx.zeros(mask.shape), {"w": mx.array([float("inf"), 1.0])}
 
@@ -196,3 +196,143 @@ def test_world_of_one_process_passes_values_through():
     assert world.gather(x) is x and world.share([1, 2, 3]) == [1, 2, 3] and world.own_rows(4) == slice(0, 4)
     assert world.any(False) is False and world.same_everywhere({"a": 1})
     assert bool(world.all(mx.array(True)).item())
+
+
+# ------------------------------------------------------------------ the objective's batch-wide options
+# A real batch from the demo (its model, sampler and rewards), updated with plain SGD at lr 1, so
+# the change of the adapters is minus the gradient, and compared between runs from the same start.
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from grpo_mlx import data
+    from grpo_mlx.config import build_config
+    from grpo_mlx.policy import add_adapters, load_model
+    from grpo_mlx.trainer import Trainer
+
+    cfg = build_config({"batch_size": 4, "group_size": 4, "eval_limit": 0, "max_completion_length": 12})
+    model, tokenizer = load_model(cfg.model)
+    adapter_config = add_adapters(model, cfg)
+    train = data.prepare_examples(data.load_split(cfg.data, "train")[:8], tokenizer)
+    t = Trainer.from_parts(cfg, model, tokenizer, train, adapter_config=adapter_config)
+    collected = collect_groups(t.train_examples, 0, world=t.world, sample=t.sample, score=t.score, timing=Timing(),
+                               **t._sampling)  # fmt: skip
+    batch = make_batch(collected.groups, 4, t.pad_id)
+    n = batch.tokens.shape[0]
+    adv = mx.array(np.random.default_rng(0).normal(size=n).astype(np.float32))  # (N,) a signal on every row
+    return t, batch, adv
+
+
+def adapter_change(t, batch, adv, *, micro_batches=1, objective=None, **loss_options):
+    """The change one SGD step (lr 1) makes to the adapters; the model is restored after."""
+    from mlx.utils import tree_unflatten
+
+    from grpo_mlx.policy import snapshot_adapters
+    from grpo_mlx.step import Objective, make_loss_and_grad
+
+    objective = objective or Objective()
+    start = snapshot_adapters(t.model)
+    loss_and_grad = make_loss_and_grad(t.model, 1.0, entropy=objective.entropy, **loss_options)
+    update = update_policy(t.model, optim.SGD(learning_rate=1.0), loss_and_grad, batch, adv, None, num_iterations=1,
+                           micro_batches=micro_batches, max_grad_norm=0.0, world=World(), objective=objective,
+                           temperature=1.0)  # fmt: skip
+    after = snapshot_adapters(t.model)
+    t.model.update(tree_unflatten(list(start.items())))
+    change = np.concatenate([(np.array(after[k]) - np.array(start[k])).ravel() for k in sorted(start)])
+    return change, {k: float(mx.mean(mx.stack(v)).item()) for k, v in update.metrics.items()}
+
+
+def with_rollout(batch, **fields):
+    import dataclasses
+
+    return dataclasses.replace(batch, rollout=dataclasses.replace(batch.rollout, **fields))
+
+
+def test_entropy_mask_uses_the_whole_batch_threshold_in_micro_batches(demo):
+    from grpo_mlx.step import Objective
+
+    t, batch, adv = demo
+    # 0.24 puts the threshold at q(n-1) = 0.76 * 48 = 36.48 of the 49 sorted entropies, inside a wide
+    # gap (0.062 | 0.633), so float noise between a whole and a split pass (~1e-6) moves no token
+    # across it; elsewhere near-equal entropies (a group's rows share contexts) sit on the threshold
+    q = Objective(top_entropy_quantile=0.24)
+    whole, m = adapter_change(t, batch, adv, objective=q, loss_type="dapo", top_entropy_quantile=0.24)
+    split, m2 = adapter_change(t, batch, adv, micro_batches=2, objective=q, loss_type="dapo", top_entropy_quantile=0.24)
+    np.testing.assert_allclose(split, whole, atol=1e-6 * np.abs(whole).max())
+    plain, _ = adapter_change(t, batch, adv, loss_type="dapo")
+    assert np.abs(plain - whole).max() > 1e-3 * np.abs(plain).max(), "the mask changes the update"
+    assert int(batch.mask.sum().item()) == 49, "the demo batch the comment above counts"
+    assert m["entropy_mask/kept_mean"] == pytest.approx(12 / 49)  # sorted positions 37..48
+    # split: the mean of the two micro-batches' fractions, as TRL averages its logged figures
+    assert m2["entropy_mask/kept_mean"] == pytest.approx(12 / 49, abs=0.02)
+
+
+def test_truncated_completions_leave_the_loss(demo):
+    from grpo_mlx.step import Objective
+
+    t, batch, adv = demo
+    n = batch.tokens.shape[0]
+    reasons = ["length" if i % 3 == 0 else "stop" for i in range(n)]
+    cut = with_rollout(batch, finish_reasons=reasons)
+    masked, _ = adapter_change(t, cut, adv, objective=Objective(mask_truncated=True))
+    zeroed = mx.array(np.where([r == "length" for r in reasons], 0.0, np.array(adv)).astype(np.float32))
+    expected, _ = adapter_change(t, batch, zeroed)  # grpo, beta 0: a row without advantage adds nothing
+    np.testing.assert_allclose(masked, expected, atol=1e-7)
+    everything = with_rollout(batch, finish_reasons=["length"] * n)
+    none, _ = adapter_change(t, everything, adv, objective=Objective(mask_truncated=True))
+    assert not none.any()
+    unmasked, _ = adapter_change(t, cut, adv)  # without the option truncation changes nothing
+    assert np.abs(unmasked - masked).max() > 0
+
+
+def policy_logprobs_as_sampled(t, batch):
+    from grpo_mlx.step import policy_pass
+
+    logp, _ = policy_pass(t.model, batch, 1.0, [slice(0, batch.tokens.shape[0])], entropy=False)
+    width = batch.rollout.logprobs.shape[1]
+    return np.array(logp)[:, :width] * batch.rollout.mask  # (N, t)
+
+
+def test_mismatch_correction_masks_exactly_the_far_sequences(demo):
+    from grpo_mlx.step import Objective
+
+    t, batch, adv = demo
+    sampled = policy_logprobs_as_sampled(t, batch)  # the sampler agrees with the trainer: weights 1
+    far = 1
+    sampled[far] -= 1.0 * batch.rollout.mask[far]  # ratio e^len > 3 on that sequence
+    shifted = with_rollout(batch, logprobs=sampled.astype(np.float32))
+    correction = Objective(mismatch=dict(mode="sequence_mask", clip_max=3.0, clip_min=None))
+    corrected, m = adapter_change(t, shifted, adv, objective=correction)
+    zeroed = np.array(adv)
+    zeroed[far] = 0.0
+    expected, _ = adapter_change(t, batch, mx.array(zeroed))
+    np.testing.assert_allclose(corrected, expected, atol=1e-6 * np.abs(expected).max())
+    assert m["sampling/importance_sampling_ratio/mean"] == pytest.approx((len(zeroed) - 1) / len(zeroed))
+    assert m["sampling/sampling_logp_difference/max"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_off_policy_mask_drops_negative_far_sequences_only(demo):
+    from grpo_mlx.step import Objective
+
+    t, batch, adv = demo
+    a = np.array(adv)
+    neg, pos = int(np.argmin(a)), int(np.argmax(a))
+    sampled = policy_logprobs_as_sampled(t, batch)
+    for row in (neg, pos):
+        sampled[row] += 1.0 * batch.rollout.mask[row]  # KL(sampler || policy) of 1 per token
+    shifted = with_rollout(batch, logprobs=sampled.astype(np.float32))
+    masked, m = adapter_change(
+        t, shifted, adv, objective=Objective(off_policy_mask=True), off_policy_mask_threshold=0.5
+    )
+    zeroed = a.copy()
+    zeroed[neg] = 0.0  # the positive one stays
+    expected, _ = adapter_change(t, batch, mx.array(zeroed))
+    np.testing.assert_allclose(masked, expected, atol=1e-6 * np.abs(expected).max())
+    assert m["off_policy_mask/dropped_mean"] > 0
+
+
+def test_mismatch_is_measured_without_the_correction(demo):
+    t, batch, adv = demo
+    _, m = adapter_change(t, batch, adv)
+    assert 0 <= m["sampling/sampling_logp_difference/mean"] < 1e-3  # the sampler and trainer agree
+    assert "sampling/importance_sampling_ratio/mean" not in m

@@ -248,6 +248,26 @@ def test_dashboard_shows_progress_charts_advantages_and_samples(tmp_path):
     run(go())
 
 
+def test_option_charts_appear_when_their_metric_is_logged(tmp_path):
+    async def go():
+        app = GrpoApp(attach=str(tmp_path))
+        async with app.run_test(size=SIZE) as pilot:
+            events = scripted_run(steps=3)
+            app.feed_many(events)
+            await pilot.pause()
+            charts = {c.metric for c in app.screen.query(Chart)}
+            assert "entropy_coef" not in charts and "sampling/sampling_logp_difference/mean" not in charts
+            step = {**events[-1], "step": 4}
+            step["metrics"] = {**step["metrics"], "entropy_coef": 0.03, "sampling/sampling_logp_difference/mean": 2e-6}
+            app.feed_many([step])
+            await pilot.pause()
+            charts = {c.metric for c in app.screen.query(Chart)}
+            assert {"entropy_coef", "sampling/sampling_logp_difference/mean"} <= charts
+            assert "entropy_mask/kept_mean" not in charts  # only what the run logs
+
+    run(go())
+
+
 def test_dashboard_snapshots(tmp_path):
     async def go():
         app = GrpoApp(attach=str(tmp_path))

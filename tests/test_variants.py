@@ -58,19 +58,21 @@ def test_two_sided_clipping_caps_negative_advantages():
 
 
 def test_cispo_keeps_gradient_of_clipped_tokens():
+    # epsilon_high is the ABSOLUTE cap of the ratio for cispo (TRL, ScaleRL's ε_max); it used to
+    # be 1 + epsilon_high, so the old epsilon_high 0.2 is 1.2 now and the numbers are unchanged.
     old = mx.array([[0.0, 0.0]])
     mask, adv = mx.ones((1, 2)), mx.array([2.0])
 
     def loss(lp):
-        return policy_loss(lp, old, None, adv, mask, loss_type="cispo", epsilon_high=0.2)[0]
+        return policy_loss(lp, old, None, adv, mask, loss_type="cispo", epsilon_high=1.2)[0]
 
     logp = mx.array([[0.5, -0.05]])  # ratios e^0.5 = 1.6487 (capped at 1.2) and e^-0.05 = 0.9512
     # loss = -(1.2 * 2 * 0.5 + 0.9512 * 2 * -0.05) / 2 tokens
     close(loss(logp), -(1.2 * 2 * 0.5 + math.exp(-0.05) * 2 * -0.05) / 2)
     grad = mx.grad(loss)(logp)  # d/dlogp = -w * A / 2: the capped token still gets -1.2
     close(grad, [[-1.2, -math.exp(-0.05)]])
-    _, metrics = policy_loss(logp, old, None, adv, mask, loss_type="cispo", epsilon_high=0.2)
-    close(metrics["clip_ratio/high_mean"], 0.5)
+    _, metrics = policy_loss(logp, old, None, adv, mask, loss_type="cispo", epsilon_high=1.2)
+    close(metrics["cispo_clip_ratio"], 0.5)  # TRL's name: ρ > cap with A > 0, 1 token of 2
     # the same token under PPO clipping gets no gradient at all
     ppo_grad = mx.grad(lambda lp: policy_loss(lp, old, None, adv, mask)[0])(logp)
     close(ppo_grad[0, 0], 0.0)
@@ -103,7 +105,18 @@ def step_metrics(trainer):
         dict(reward_functions=["accuracy", "digit_steps"]),
         dict(reward_functions=["digit_steps"]),
         dict(loss_type="cispo"),
+        dict(loss_type="sapo", num_iterations=2),
+        dict(loss_type="vespo", num_iterations=2),
+        dict(loss_type="luspo", importance_sampling_level="sequence"),
+        dict(loss_type="gmpo", epsilon=0.4, num_iterations=2),
         dict(delta=2.0, num_iterations=2),
+        dict(mask_truncated_completions=True, max_completion_length=3),
+        dict(top_entropy_quantile=0.2, gradient_accumulation_steps=2, loss_type="dapo"),
+        dict(entropy_coef=0.01),
+        dict(off_policy_mask_threshold=0.5, num_iterations=2),
+        dict(importance_sampling_correction=True, importance_sampling_mode="token_truncate"),
+        dict(beta=0.1, use_bias_correction_kl=True, num_iterations=2),
+        dict(beta=0.1, sync_ref_model=True, ref_model_sync_steps=2),
         dict(beta=0.1, kl_estimator="k2"),
         dict(beta=0.1, kl_in_reward=True),
         dict(
@@ -121,6 +134,81 @@ def test_variants_train(tmp_path, overrides):
     assert any(x["grad_norm"] > 0 for x in m)
     if "beta" in overrides:
         assert m[-1]["kl"] > 0
+    first = next(iter(overrides))
+    for key in OPTION_METRICS.get(overrides[first] if first == "loss_type" else first, ()):
+        assert all(math.isfinite(x[key]) for x in m), key
+    assert all(math.isfinite(x["sampling/sampling_logp_difference/mean"]) for x in m)
+
+
+OPTION_METRICS = {  # what each option (or loss type) reports, by the override's first key
+    "top_entropy_quantile": ("entropy_mask/kept_mean", "entropy"),
+    "entropy_coef": ("entropy", "entropy_coef", "policy_loss"),
+    "off_policy_mask_threshold": ("off_policy_mask/dropped_mean",),
+    "importance_sampling_correction": (
+        "sampling/importance_sampling_ratio/min",
+        "sampling/importance_sampling_ratio/mean",
+        "sampling/importance_sampling_ratio/max",
+        "sampling/sampling_logp_difference/max",
+    ),
+    "cispo": ("cispo_clip_ratio",),
+    "vespo": ("vespo/phi_seq_mean",),
+    "luspo": ("clip_ratio/low_min", "clip_ratio/high_max", "clip_ratio/region_mean"),
+    "gmpo": ("clip_ratio/low_min", "clip_ratio/high_max"),
+}
+
+
+def test_truncated_completions_are_masked_through_the_trainer(tmp_path):
+    """Every completion cut at 2 tokens: with the option the loss has no token left."""
+    t = Trainer(small(tmp_path, mask_truncated_completions=True, max_completion_length=2))
+    t.run()
+    m = step_metrics(t)
+    assert all(x["completions/clipped_ratio"] == 1.0 for x in m)
+    assert all(x["loss"] == 0.0 and x["grad_norm"] == 0.0 for x in m)
+
+
+def test_adaptive_entropy_moves_the_coefficient_and_resumes_exactly(tmp_path):
+    # a target above any entropy of the demo: the coefficient rises by delta every step, and the
+    # bonus acts from step 2 on (TRL's controller starts from an infinite last entropy)
+    opts = dict(iters=4, use_adaptive_entropy=True, entropy_coef=0.01, entropy_coef_delta=0.02, entropy_target=50.0)
+    straight = Trainer(small(tmp_path / "a", **opts))
+    straight.run()
+    coefs = [x["entropy_coef"] for x in step_metrics(straight)]
+    assert coefs == pytest.approx([0.0, 0.03, 0.05, 0.07])
+    first = Trainer(small(tmp_path / "b", **opts))
+    first.bus.subscribe(lambda e: e["type"] == "step" and e["step"] == 2 and first.control.stop.set())
+    first.run()
+    base = json.loads((tmp_path / "b" / "run" / "config.json").read_text())
+    resumed = Trainer(build_config({"resume": str(tmp_path / "b" / "run")}, base=base))
+    resumed.run()
+    assert [x["entropy_coef"] for x in step_metrics(resumed)] == pytest.approx(coefs)
+    a = mx.load(str(tmp_path / "a" / "run" / "adapters.safetensors"))
+    b = mx.load(str(tmp_path / "b" / "run" / "adapters.safetensors"))
+    for k in a:
+        np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), atol=1e-6, err_msg=k)
+
+
+def test_sync_ref_model_mixes_the_reference_every_n_steps(tmp_path):
+    from grpo_mlx.loss import mix_reference
+    from grpo_mlx.policy import snapshot_adapters
+
+    t = Trainer(small(tmp_path, iters=5, beta=0.1, sync_ref_model=True, ref_model_sync_steps=2,
+                      ref_model_mixup_alpha=0.25))  # fmt: skip
+    seen = {}
+    real_step = t.train_step
+
+    def train_step(step):
+        seen[step] = snapshot_adapters(t.model)  # the policy as the step begins
+        return real_step(step)
+
+    t.train_step = train_step
+    t.run()
+    expected = seen[0]  # the reference starts as the policy at step 0 (LoRA's B = 0: the base model)
+    for step in (2, 4):
+        expected = mix_reference(expected, seen[step], 0.25)
+    for k in expected:
+        np.testing.assert_allclose(np.array(t.ref_adapters[k]), np.array(expected[k]), atol=1e-7, err_msg=k)
+    saved = mx.load(str(t.run_dir / "checkpoints" / "step_0000005" / "reference.safetensors"))
+    assert saved.keys() == expected.keys()
 
 
 def test_iterative_reference_resets_kl(tmp_path):

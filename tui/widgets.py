@@ -23,11 +23,21 @@ CHARTS = [
     (M.LOSS, "loss", ""),
     (M.GRAD_NORM, "grad norm", ""),
     (M.CLIP_REGION, "clip ratio", ""),
-    (M.ENTROPY, "token entropy (sampling)", "not logged"),
+    (M.ENTROPY, "token entropy", "not logged"),
     (M.MEAN_LENGTH, "mean completion length", ""),
     (M.CLIPPED_RATIO, "cut at the length limit", ""),
     (M.LEARNING_RATE, "learning rate", ""),
     (M.PEAK_MEMORY_GB, "peak memory (GB)", ""),
+]
+# charts of the objective's options, added when their metric first appears (most runs never log them)
+OPTION_CHARTS = [
+    (M.ENTROPY_COEF, "entropy coefficient"),
+    (M.ENTROPY_KEPT, "tokens kept by the entropy mask"),
+    (M.OFF_POLICY_DROPPED, "tokens dropped off-policy"),
+    (M.CISPO_CLIP, "cispo: ratio at the cap"),
+    (M.VESPO_PHI, "vespo: sequence weight"),
+    (M.SAMPLING_LOGP_DIFF, "sampler/trainer log-prob gap"),
+    (M.IS_RATIO_MEAN, "mismatch weight (mean)"),
 ]
 CHART_MIN_WIDTH = 36  # cells; the grid shows as many columns as fit
 LABEL_WIDTH = 10  # y-axis labels: compact() numbers are at most 9 characters
@@ -107,7 +117,7 @@ class Chart(Widget):
 
 
 class ChartGrid(Grid):
-    """Every chart; reward functions' charts are added when their metric first appears."""
+    """Every chart; reward functions' and options' charts are added when their metric first appears."""
 
     def compose(self):
         for metric, title, note in CHARTS:
@@ -123,6 +133,10 @@ class ChartGrid(Grid):
                 after = chart
             else:
                 after = self.query_one(f"#{chart_id(metric)}", Chart)
+        logged = state.series
+        for metric, title in OPTION_CHARTS:
+            if metric in logged and not self.query(f"#{chart_id(metric)}"):
+                self.mount(Chart(metric, title, id=chart_id(metric)))
         for chart in self.query(Chart):
             chart.show(state.steps, state.values(chart.metric))
 
