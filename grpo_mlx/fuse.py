@@ -54,6 +54,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="dtype of the saved floating-point weights. Default: the base model's.",
     )
+    parser.add_synonym("--de-quantize", "--dequantize")  # mlx_lm.fuse's spelling
+    parser.add_argument(
+        "--upload-repo",
+        metavar="OWNER/NAME",
+        help="Upload the fused model with a model card to this Hugging Face repo (needs a token: hf auth login).",
+    )
+    parser.add_argument(
+        "--hf-path",
+        metavar="OWNER/NAME",
+        help="The base model's Hugging Face repo id, for the model card when --model is a local directory.",
+    )
     parser.add_argument("--debug", action="store_true", help="Show Python tracebacks on errors.")
 
 
