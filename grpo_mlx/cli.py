@@ -265,13 +265,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     if mx.distributed.init().rank() == 0:  # under mlx.launch, one progress bar, not one per rank
         bus.subscribe(ProgressPrinter())
     trainer = Trainer(cfg, bus)
+    main_rank = mx.distributed.init().rank() == 0
+    if cfg.push_to_hub and main_rank:  # a missing token is found before the training, not after
+        from grpo_mlx import hub
+
+        hub.check_token(cfg.push_to_hub, "nothing was trained")
     try:
         with graceful_stop(trainer.control, started=trainer.control.training.is_set):
             summary = trainer.run()
     except KeyboardInterrupt:
         print(f"\n{abort_message(trainer.run_dir)}", file=sys.stderr)
         return 130
-    return 0 if summary.get("status") != "stopped" else 130
+    if summary.get("status") == "stopped":
+        return 130
+    if cfg.push_to_hub and main_rank:
+        url = hub.push_adapters(trainer.run_dir, cfg.push_to_hub)
+        print(f"grpo-mlx: adapters uploaded to {url}", file=sys.stderr)
+    return 0
 
 
 def abort_message(run_dir) -> str:

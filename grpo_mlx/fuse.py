@@ -178,9 +178,16 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.adapter_path}/adapter_config.json names no base model; pass --model")
     from grpo_mlx.blas import use_system_blas
 
+    if args.upload_repo:  # before the work, not after it
+        from grpo_mlx import hub
+
+        hub.check_token(args.upload_repo, "nothing was fused")
     use_system_blas()
     print(f"grpo-mlx fuse: {model} + adapters {args.adapter_path}", file=sys.stderr)
     info = fuse_model(model, args.adapter_path, args.save_path, args.dequantize, args.dtype)
+    if args.upload_repo:
+        url = hub.push_fused(info["save_path"], args.upload_repo, args.hf_path or model, args.adapter_path)
+        print(f"uploaded to {url}", file=sys.stderr)
     kind = "quantized" if info["quantized"] else info["dtype"]
     print(
         f"fused {info['layers_fused']} adapter layers; {kind} model written to {info['save_path']}\n"
