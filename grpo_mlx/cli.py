@@ -17,31 +17,111 @@ import time
 from pathlib import Path
 
 from grpo_mlx import metric_names as M
-from grpo_mlx.config import FIELDS, ConfigError, TrainConfig, build_config, build_resumed_config
+from grpo_mlx.config import FIELDS, ConfigError, TrainConfig, build_config, build_resumed_config, flag_name
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM}
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, named as mlx-lm names its flags (--batch-size ...)."""
-    parser.add_argument("-c", "--config", help="YAML file with any of the options below (flags win).")
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = str(f.type)
-        help_text = f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if default not in (None, [], ""):
-            help_text += f" [default: {default}]"
-        if "bool" in kind:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif "list" in kind:
-            parser.add_argument(flag, nargs="+", default=None, help=help_text, metavar="VALUE")
+class Parser(argparse.ArgumentParser):
+    """argparse with two additions, for the top-level parser and (as its class) each subcommand's:
+    an unknown option is refused by the subcommand that got it, with its own usage line and the
+    closest of its own flags; and `add_synonym` gives a flag a second spelling (TRL's, mlx-lm's)
+    that must not disagree with the first."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.synonyms: list[tuple[str, str, str]] = []  # (synonym dest, canonical dest, synonym flag)
+
+    def add_synonym(self, flag: str, canonical: str, group=None) -> None:
+        """`flag` as a hidden second spelling of the existing option `canonical`."""
+        action = self._option_string_actions[canonical]
+        dest = f"synonym:{flag}"
+        kw: dict = {"dest": dest, "default": None, "help": argparse.SUPPRESS}
+        if isinstance(action, argparse.BooleanOptionalAction):
+            kw["action"] = argparse.BooleanOptionalAction
+        elif isinstance(action, argparse._StoreTrueAction):
+            kw["action"] = "store_true"
         else:
-            metavar = "N" if "int" in kind else "X" if "float" in kind else "TEXT"
-            parser.add_argument(flag, default=None, help=help_text, metavar=metavar)
+            kw.update(nargs=action.nargs, type=action.type, choices=action.choices, metavar=action.metavar)
+        (group or self).add_argument(flag, **kw)
+        action.help = f"{action.help or ''} (also {flag})".strip()
+        self.synonyms.append((dest, action.dest, flag))
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, unknown = super().parse_known_args(args, namespace)
+        if unknown and getattr(self, "is_subcommand", False):
+            self.refuse_unknown(unknown)  # here, not in the top parser: this usage line, these flags
+        self._fold_synonyms(namespace)
+        return namespace, unknown
+
+    def _fold_synonyms(self, namespace) -> None:
+        for dest, canonical, flag in self.synonyms:
+            value = getattr(namespace, dest, None)
+            if hasattr(namespace, dest):
+                delattr(namespace, dest)
+            if value is None:
+                continue
+            current, default = getattr(namespace, canonical, None), self.get_default(canonical)
+            if current not in (None, default) and current != value:
+                first = next(a for a in self._actions if a.dest == canonical).option_strings[-1]
+                self.error(f"{flag} {value} and {first} {current} are two spellings of one option; give one")
+            setattr(namespace, canonical, value)
+
+    def refuse_unknown(self, unknown: list[str]) -> None:
+        """argparse says only "unrecognized arguments"; name the closest valid flag too, or, for a
+        name that means something else here (TRL's per_device_train_batch_size), the conversion."""
+        import difflib
+
+        from grpo_mlx.config import DIFFERENT_MEANING
+
+        flags = [o for o in self._option_string_actions if o.startswith("--")]
+        for arg in unknown:
+            if arg.startswith("--"):
+                name = arg.split("=")[0]
+                key = name[2:].replace("-", "_")
+                if key in DIFFERENT_MEANING and "--batch-size" in flags:
+                    self.error(f"unknown option {name}: {DIFFERENT_MEANING[key]}")
+                match = difflib.get_close_matches(name, flags, n=1, cutoff=0.6)
+                hint = f" (did you mean {match[0]}?)" if match else ""
+                self.error(f"unknown option {arg}{hint}")
+        self.error(f"unexpected arguments: {' '.join(unknown)}")
+
+
+def add_config_flags(parser: Parser) -> None:
+    """One flag per TrainConfig field, named as mlx-lm names its flags (--batch-size ...), in the
+    help groups of config.OPTION_GROUPS, with TRL's and mlx-lm's other spellings (config.SYNONYMS)."""
+    from grpo_mlx.config import OPTION_GROUPS, SYNONYMS
+
+    parser.add_argument("-c", "--config", help="YAML file with any of the options below (flags win).")
     parser.add_argument("--debug", action="store_true", help="Show Python tracebacks on errors.")
+    group_of = {name: title for title, names in OPTION_GROUPS.items() for name in names}
+    groups = {title: parser.add_argument_group(title) for title in OPTION_GROUPS}
+    for f in sorted(
+        dataclasses.fields(TrainConfig),
+        key=lambda f: list(group_of).index(f.name) if f.name in group_of else len(group_of),
+    ):
+        group = groups.get(group_of.get(f.name)) or groups.setdefault("other", parser.add_argument_group("other"))
+        _add_field_flag(group, f)
+    for synonym, name in SYNONYMS.items():
+        parser.add_synonym(flag_name(synonym), flag_name(name), group=groups.get(group_of.get(name)))
+
+
+def _add_field_flag(group, f: dataclasses.Field) -> None:
+    flag = flag_name(f.name)
+    kind = str(f.type)
+    help_text = f.metadata.get("help", "")
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if default not in (None, [], ""):
+        help_text += f" [default: {default}]"
+    if "bool" in kind:
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+    elif "list" in kind:
+        group.add_argument(flag, nargs="+", default=None, help=help_text, metavar="VALUE")
+    else:
+        metavar = "N" if "int" in kind else "X" if "float" in kind else "TEXT"
+        group.add_argument(flag, default=None, help=help_text, metavar=metavar)
 
 
 # Other commands live in their own modules, each with `HELP`, `add_arguments(parser)` and
@@ -54,13 +134,14 @@ COMMAND_ORDER = ("tui", "eval", "fuse", "bench")  # as `grpo-mlx --help` lists t
 def make_parser() -> argparse.ArgumentParser:
     from importlib.metadata import entry_points
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="grpo-mlx",
         description="GRPO training of language models with LoRA adapters on MLX. "
         "With no options, `grpo-mlx train` runs the embedded demo.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     train = sub.add_parser("train", help="Train adapters with GRPO (headless, with a progress bar).")
+    train.is_subcommand = True
     add_config_flags(train)
     train.set_defaults(func=cmd_train)
     found = entry_points(group=COMMAND_GROUP)
@@ -68,6 +149,7 @@ def make_parser() -> argparse.ArgumentParser:
     for entry in sorted(found, key=lambda e: (rank.get(e.name, len(rank)), e.name)):
         module = entry.load()
         command = sub.add_parser(entry.name, help=module.HELP, description=module.HELP)
+        command.is_subcommand = True
         module.add_arguments(command)
         command.set_defaults(func=module.run)
     return parser
@@ -183,13 +265,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     if mx.distributed.init().rank() == 0:  # under mlx.launch, one progress bar, not one per rank
         bus.subscribe(ProgressPrinter())
     trainer = Trainer(cfg, bus)
+    main_rank = mx.distributed.init().rank() == 0
+    if cfg.push_to_hub and main_rank:  # a missing token is found before the training, not after
+        from grpo_mlx import hub
+
+        hub.check_token(cfg.push_to_hub, "nothing was trained")
     try:
         with graceful_stop(trainer.control, started=trainer.control.training.is_set):
             summary = trainer.run()
     except KeyboardInterrupt:
         print(f"\n{abort_message(trainer.run_dir)}", file=sys.stderr)
         return 130
-    return 0 if summary.get("status") != "stopped" else 130
+    if summary.get("status") == "stopped":
+        return 130
+    if cfg.push_to_hub and main_rank:
+        url = hub.push_adapters(trainer.run_dir, cfg.push_to_hub)
+        print(f"grpo-mlx: adapters uploaded to {url}", file=sys.stderr)
+    return 0
 
 
 def abort_message(run_dir) -> str:
@@ -232,24 +324,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (UserError, FileNotFoundError)
 
 
-def _refuse_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str]) -> None:
-    """argparse says only "unrecognized arguments"; name the closest valid flag too."""
-    import difflib
-
-    flags = ["--" + name.replace("_", "-") for name in FIELDS] + ["--config", "--debug"]
-    for arg in unknown:
-        if arg.startswith("--"):
-            match = difflib.get_close_matches(arg.split("=")[0], flags, n=1, cutoff=0.6)
-            hint = f" (did you mean {match[0]}?)" if match else ""
-            parser.error(f"unknown option {arg}{hint}")
-    parser.error(f"unexpected arguments: {' '.join(unknown)}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        _refuse_unknown(parser, args, unknown)
+    args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE

@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,8 @@ REWARD_COMBINATIONS = ("sum", "normalize_each")
 IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 FINE_TUNE_TYPES = ("lora", "dora")
 REWARD_ISOLATION = ("thread", "process")
+TRACKERS = ("wandb", "trackio", "tensorboard", "swanlab")  # grpo_mlx.tracking has one writer each
+HUB_REPO = re.compile(r"([A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")  # owner/name, or name in the token's account
 SEED_LIMIT = 2**32  # numpy's and MLX's seeds are unsigned 32/64-bit; negative ones fail mid-run
 
 
@@ -236,6 +239,18 @@ class TrainConfig:
         0, "Also score the held-out prompts greedily every N steps, as an `eval` event (0 = only before and after)."
     )
 
+    # --- tracking and sharing
+    report_to: list = _f(
+        [],
+        "Experiment trackers that also get the metrics, held-out evaluations and sampled completions: "
+        "wandb, trackio, tensorboard, swanlab (comma-separated; none = only the run directory's files).",
+    )
+    project_name: str | None = _f(None, "Tracker project name. Default: grpo-mlx.")
+    run_name: str | None = _f(None, "Tracker run name. Default: the run directory's name.")
+    push_to_hub: str | None = _f(
+        None, "After training, upload the adapters with a model card to this Hugging Face repo (owner/name)."
+    )
+
     @property
     def is_demo(self) -> bool:
         return self.model in (None, DEMO_MODEL)
@@ -262,14 +277,111 @@ class ConfigError(UserError, ValueError):
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
+# `--help` shows the options in these groups, in this order; every field is in exactly one
+# (tests/test_config.py checks), so a new field is placed here too.
+OPTION_GROUPS: dict[str, tuple[str, ...]] = {
+    "model and prompts": ("model", "system_prompt", "max_prompt_length"),
+    "data": ("data", "prompt_key", "answer_key"),
+    "run directory": ("adapter_path", "resume", "overwrite", "seed"),
+    "adapters": ("fine_tune_type", "num_layers", "lora_rank", "lora_scale", "lora_dropout", "lora_keys"),
+    "sampling": (
+        "batch_size", "group_size", "max_completion_length", "temperature", "top_p", "top_k", "min_p", "stop",
+        "dynamic_sampling", "max_resample_rounds",
+    ),
+    "rewards and advantages": (
+        "reward_functions", "reward_weights", "reward_combination", "scale_rewards", "advantage_baseline",
+    ),
+    "objective": (
+        "loss_type", "importance_sampling_level", "beta", "epsilon", "epsilon_high", "delta", "kl_estimator",
+        "kl_in_reward", "ref_update_every", "num_iterations", "sapo_temperature_pos", "sapo_temperature_neg",
+        "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg",
+    ),
+    "objective: masks, entropy and corrections": (
+        "mask_truncated_completions", "top_entropy_quantile", "entropy_coef", "use_adaptive_entropy",
+        "entropy_target", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "off_policy_mask_threshold",
+        "use_bias_correction_kl", "importance_sampling_correction", "importance_sampling_mode",
+        "importance_sampling_clip_max", "importance_sampling_clip_min", "sync_ref_model", "ref_model_mixup_alpha",
+        "ref_model_sync_steps",
+    ),
+    "optimisation": (
+        "iters", "learning_rate", "warmup_steps", "min_lr_ratio", "weight_decay", "max_grad_norm",
+        "gradient_accumulation_steps", "grad_checkpoint",
+    ),
+    "faults": ("reward_error_policy", "reward_isolation", "reward_timeout", "max_bad_steps"),
+    "evaluation": ("eval_limit", "eval_split", "eval_every"),
+    "logging, tracking and sharing": (
+        "save_every", "samples_per_step", "report_to", "project_name", "run_name", "push_to_hub",
+    ),
+}  # fmt: skip
+
+# Other spellings of an option, as TRL (GRPOConfig / TrainingArguments) or mlx-lm name it, where
+# the meaning is the same; each works as a flag and as a YAML key.
+SYNONYMS: dict[str, str] = {
+    "num_generations": "group_size",  # TRL
+    "output_dir": "adapter_path",  # TRL
+    "max_steps": "iters",  # TRL
+    "lora_layers": "num_layers",  # mlx-lm's earlier name
+    "max_tokens": "max_completion_length",  # mlx-lm's generate
+    "lr": "learning_rate",
+    "gradient_checkpointing": "grad_checkpoint",  # TRL
+    "save_steps": "save_every",  # TRL
+    "steps_per_eval": "eval_every",  # mlx-lm
+}
+
+# Names that look like one of ours but mean something else: refused with the conversion.
+DIFFERENT_MEANING: dict[str, str] = {
+    "per_device_train_batch_size": (
+        "TRL's per_device_train_batch_size counts completions, grpo-mlx's batch_size counts prompts "
+        "(each gets group_size completions): use batch_size = per_device_train_batch_size / num_generations "
+        "(times gradient_accumulation_steps and the number of processes, which one TRL update also spans)"
+    ),
+    "grad_accumulation_steps": (
+        "mlx-lm's grad_accumulation_steps adds batches to each update, grpo-mlx's gradient_accumulation_steps "
+        "splits one step's batch_size * group_size completions into micro-batches (the same update, less "
+        "memory): for mlx-lm's N batches per update use an N times larger batch_size and "
+        "gradient_accumulation_steps N"
+    ),
+    "lora_alpha": (
+        "PEFT's lora_alpha is divided by the rank: grpo-mlx (as mlx-lm) multiplies the adapter output by "
+        "lora_scale, so use lora_scale = lora_alpha / lora_rank"
+    ),
+    "hub_model_id": "grpo-mlx's push_to_hub takes the repo id itself: use push_to_hub owner/name",
+    "num_train_epochs": (
+        "grpo-mlx counts steps, not epochs: use iters (or max_steps) = num_train_epochs * train prompts / batch_size"
+    ),
+}
+
 
 def closest_key(name: str) -> str:
-    match = difflib.get_close_matches(name, FIELDS, n=1, cutoff=0.5)
+    match = difflib.get_close_matches(name, [*FIELDS, *SYNONYMS], n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def canonical_keys(values: dict[str, Any], spell=lambda k: f"'{k}'", where: str = "") -> dict[str, Any]:
+    """`values` with every synonym under its field's name. Two spellings of one option with
+    different values are refused, naming both; a name that means something else here gets its
+    conversion. `spell` writes a name as the user wrote it (a flag or a YAML key)."""
+    out: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    for key, value in values.items():
+        if key in DIFFERENT_MEANING:
+            raise ConfigError(f"{where}{spell(key)}: {DIFFERENT_MEANING[key]}")
+        name = SYNONYMS.get(key, key)
+        if name in out and out[name] != value:
+            raise ConfigError(
+                f"{where}{spell(spelled[name])} = {out[name]!r} and {spell(key)} = {value!r} are two spellings "
+                "of one option; give one"
+            )
+        out[name], spelled[name] = value, key
+    return out
 
 
 def _normalise_key(key: str) -> str:
     return str(key).replace("-", "_")
+
+
+def flag_name(key: str) -> str:
+    return "--" + key.replace("_", "-")
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -307,10 +419,11 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     out = {}
     for key, value in values.items():
         name = _normalise_key(key)
-        if name not in FIELDS:
+        if name not in FIELDS and name not in SYNONYMS and name not in DIFFERENT_MEANING:
             raise ConfigError(f"{path}:{lines.get(key, '?')}: unknown key '{key}'{closest_key(name)}")
         out[name] = value
-    return out
+    spelled = {_normalise_key(k): k for k in values}
+    return canonical_keys(out, spell=lambda k: f"'{spelled[k]}' (line {lines.get(spelled[k], '?')})", where=f"{path}: ")
 
 
 def build_config(
@@ -318,7 +431,7 @@ def build_config(
 ) -> TrainConfig:
     """Merge defaults, demo defaults, `base` (a resumed run's saved config), YAML and flags
     (None = unset), then validate."""
-    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    flags = canonical_keys({k: v for k, v in (flags or {}).items() if v is not None}, spell=flag_name)
     for key in flags:
         if key not in FIELDS:
             raise ConfigError(f"unknown option '{key}'{closest_key(key)}")
@@ -374,6 +487,10 @@ RESUME_MAY_CHANGE = frozenset(
         "adapter_path",
         "resume",
         "overwrite",
+        "report_to",
+        "project_name",
+        "run_name",
+        "push_to_hub",
     }
 )
 
@@ -437,6 +554,11 @@ def coerce(name: str, value: Any, source: str | None = None) -> Any:
         if "None" in annotation:  # `X | None`: null means "unset"
             return None
         raise ConfigError(f"{where}'{name}': null is not a value for this option (remove the line to get its default)")
+    if name == "push_to_hub" and isinstance(value, bool):
+        raise ConfigError(
+            f"{where}'push_to_hub': takes the repo id (owner/name), not {value}; TRL's push_to_hub: true with "
+            "hub_model_id: X is push_to_hub: X here"
+        )
     if "list" not in annotation and isinstance(value, (list, tuple, dict)):
         raise ConfigError(f"{where}'{name}': expected one value, got {type(value).__name__} {value!r:.60}")
     try:
@@ -460,6 +582,9 @@ def _coerce_list(name: str, value: Any, where: str) -> list:
         if bad:
             raise ConfigError(f"{where}'{name}': expected numbers, got {bad[0]!r:.60}")
         return [float(v) for v in value]
+    if name == "report_to":  # mlx-lm's form "wandb,trackio" also inside a list; TRL's "none" means no tracker
+        value = [v.strip().lower() for item in value for v in str(item).split(",") if v.strip()]
+        return [v for v in dict.fromkeys(value) if v != "none"]
     bad = [v for v in value if not isinstance(v, str)]
     if bad:  # str(5) or str({...}) would become a stop string or key nobody wrote
         raise ConfigError(f"{where}'{name}': expected a list of strings, got {type(bad[0]).__name__} {bad[0]!r:.60}")
@@ -575,6 +700,18 @@ def validate(cfg: TrainConfig) -> None:
         f"needs one weight per reward function ({len(cfg.reward_functions)})",
     )
     _validate_objective(cfg, need)
+    unknown = [t for t in cfg.report_to if t not in TRACKERS]
+    need(
+        not unknown,
+        "report_to",
+        f"{unknown[0] if unknown else ''!r} is no tracker here; use {', '.join(TRACKERS)} or none",
+    )
+    need(
+        cfg.push_to_hub is None or HUB_REPO.fullmatch(cfg.push_to_hub) is not None,
+        "push_to_hub",
+        "must be a Hugging Face repo id, owner/name (TRL's push_to_hub: true with hub_model_id: X is "
+        "push_to_hub: X here)",
+    )
     n = cfg.batch_size * cfg.group_size
     need(
         cfg.gradient_accumulation_steps >= 1 and n % cfg.gradient_accumulation_steps == 0,

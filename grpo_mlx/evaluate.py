@@ -318,6 +318,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="Tokens per completion. Default: the run's, else 8 for the demo and 256 otherwise.",
     )
+    parser.add_synonym("--max-tokens", "--max-completion-length")  # mlx-lm's generate spells it so
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="Score only the first N prompts.")
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="Random seed for sampling. [default: 0]")
     parser.add_argument(

@@ -54,6 +54,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="dtype of the saved floating-point weights. Default: the base model's.",
     )
+    parser.add_synonym("--de-quantize", "--dequantize")  # mlx_lm.fuse's spelling
+    parser.add_argument(
+        "--upload-repo",
+        metavar="OWNER/NAME",
+        help="Upload the fused model with a model card to this Hugging Face repo (needs a token: hf auth login).",
+    )
+    parser.add_argument(
+        "--hf-path",
+        metavar="OWNER/NAME",
+        help="The base model's Hugging Face repo id, for the model card when --model is a local directory.",
+    )
     parser.add_argument("--debug", action="store_true", help="Show Python tracebacks on errors.")
 
 
@@ -167,9 +178,16 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.adapter_path}/adapter_config.json names no base model; pass --model")
     from grpo_mlx.blas import use_system_blas
 
+    if args.upload_repo:  # before the work, not after it
+        from grpo_mlx import hub
+
+        hub.check_token(args.upload_repo, "nothing was fused")
     use_system_blas()
     print(f"grpo-mlx fuse: {model} + adapters {args.adapter_path}", file=sys.stderr)
     info = fuse_model(model, args.adapter_path, args.save_path, args.dequantize, args.dtype)
+    if args.upload_repo:
+        url = hub.push_fused(info["save_path"], args.upload_repo, args.hf_path or model, args.adapter_path)
+        print(f"uploaded to {url}", file=sys.stderr)
     kind = "quantized" if info["quantized"] else info["dtype"]
     print(
         f"fused {info['layers_fused']} adapter layers; {kind} model written to {info['save_path']}\n"

@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 
-from grpo_mlx import checkpoint, data, events, reward_worker, rewards, rundir
+from grpo_mlx import checkpoint, data, events, reward_worker, rewards, rundir, tracking
 from grpo_mlx import metric_names as M
 from grpo_mlx.advantages import compute_advantages, per_completion
 from grpo_mlx.batch import make_batch
@@ -385,6 +385,7 @@ class Trainer:
             reward_worker.close_all(getattr(self, "reward_fns", []))
 
     def _run(self) -> dict:
+        tracking.attach(self.bus, self.cfg, self.run_dir, rank=mx.distributed.init().rank())  # packages checked first
         self.setup()
         start = int(self.state["step"])
         # a failed metrics/samples write stops the run after the step, with a checkpoint

@@ -297,3 +297,121 @@ def test_objective_options_defaults_and_accepted_combinations():
 def test_config_stays_free_of_mlx():
     code = "import sys, grpo_mlx.config; assert 'mlx.core' not in sys.modules, 'config imported MLX'"
     subprocess.run([sys.executable, "-c", code], check=True)
+# ------------------------------------------------------------------ TRL / mlx-lm spellings
+
+
+def test_every_field_has_a_help_group_and_groups_name_only_fields():
+    from grpo_mlx.config import FIELDS, OPTION_GROUPS
+
+    placed = [name for names in OPTION_GROUPS.values() for name in names]
+    assert sorted(placed) == sorted(FIELDS), set(FIELDS) ^ set(placed)  # each field once, nothing else
+
+
+def test_help_shows_the_groups_in_order():
+    help_text = cli.make_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    text = help_text[help_text.index("\noptions:") :]  # the body, not the usage line
+    titles = ["model and prompts:", "data:", "sampling:", "objective:", "adapters:", "optimisation:"]
+    assert all(t in text for t in titles)
+    assert text.index("sampling:") < text.index("--temperature") < text.index("objective:") < text.index("--beta")
+
+
+@pytest.mark.parametrize(
+    "synonym, field, value, expected",
+    [
+        ("num_generations", "group_size", "4", 4),
+        ("output_dir", "adapter_path", "runs/x", "runs/x"),
+        ("max_steps", "iters", "7", 7),
+        ("lora_layers", "num_layers", "2", 2),
+        ("max_tokens", "max_completion_length", "32", 32),
+        ("lr", "learning_rate", "3e-4", 3e-4),
+    ],
+)
+def test_trl_and_mlx_lm_spellings_as_flags_and_yaml_keys(synonym, field, value, expected, tmp_path):
+    args = cli.make_parser().parse_args(["train", "--" + synonym.replace("_", "-"), value])
+    assert getattr(cli.config_from_args(args), field) == expected
+    path = tmp_path / "run.yaml"
+    path.write_text(f"{synonym}: {value}\n")
+    assert getattr(build_config({}, str(path)), field) == expected
+
+
+def test_two_spellings_with_different_values_are_refused_naming_both(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--iters", "5", "--max-steps", "6"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: grpo-mlx train" in err and "--max-steps 6" in err and "--iters 5" in err
+    path = tmp_path / "run.yaml"
+    path.write_text("iters: 5\nlr: 1e-4\nmax_steps: 6\n")
+    with pytest.raises(ConfigError, match=r"'iters' \(line 1\) = 5 and 'max_steps' \(line 3\) = 6"):
+        load_yaml(path)
+    path.write_text("iters: 5\nmax_steps: 5\n")  # one value twice is no contradiction
+    assert load_yaml(path) == {"iters": 5}
+
+
+def test_a_yaml_synonym_is_overridden_by_a_flag_as_any_key(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("max_steps: 6\n")
+    assert build_config({"iters": 9}, str(path)).iters == 9
+
+
+def test_trl_batch_size_is_refused_with_the_conversion(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 1e-4\nper_device_train_batch_size: 16\n")
+    with pytest.raises(
+        ConfigError, match=r"line 2.*counts completions.*batch_size = per_device_train_batch_size / num"
+    ):
+        load_yaml(path)
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--per-device-train-batch-size", "16"])
+    assert "counts prompts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, suggestion",
+    [
+        (["eval", "--max-tokenz", "5"], "--max-tokens"),
+        (["fuse", "--adapter-path", "a", "--save-path", "b", "--uplod-repo", "x/y"], "--upload-repo"),
+        (["bench", "--repeatz", "2"], "--repeats"),
+        (["tui", "--lerning-rate", "1"], "--learning-rate"),
+        (["train", "--num-generation", "4", "--bogus-flag"], None),
+    ],
+)
+def test_a_wrong_flag_is_answered_by_its_own_subcommand(argv, suggestion, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: grpo-mlx {argv[0]} ")
+    assert f"grpo-mlx {argv[0]}: error: unknown option {argv[-2] if suggestion else argv[-1]}" in err
+    if suggestion:
+        assert f"(did you mean {suggestion}?)" in err
+
+
+def test_suggestions_come_from_the_subcommands_own_flags(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--lerning-rate", "1"])  # a train flag: eval has none like it
+    assert "did you mean" not in capsys.readouterr().err
+
+
+def test_eval_and_fuse_take_mlx_lm_spellings():
+    parser = cli.make_parser()
+    assert parser.parse_args(["eval", "--max-tokens", "12"]).max_completion_length == 12
+    assert parser.parse_args(["fuse", "--adapter-path", "a", "--save-path", "b", "--de-quantize"]).dequantize
+
+
+def test_report_to_takes_mlx_lm_comma_lists_and_refuses_unknown_trackers():
+    args = cli.make_parser().parse_args(["train", "--report-to", "wandb,TensorBoard"])
+    assert cli.config_from_args(args).report_to == ["wandb", "tensorboard"]
+    assert build_config({"report_to": "none"}).report_to == []
+    with pytest.raises(ConfigError, match="'mlflow' is no tracker here; use wandb, trackio, tensorboard, swanlab"):
+        build_config({"report_to": ["mlflow"]})
+
+
+def test_push_to_hub_takes_a_repo_id_not_trls_boolean(tmp_path):
+    assert build_config({"push_to_hub": "me/gsm8k-grpo"}).push_to_hub == "me/gsm8k-grpo"
+    path = tmp_path / "run.yaml"
+    path.write_text("push_to_hub: true\n")
+    with pytest.raises(ConfigError, match="hub_model_id: X is push_to_hub: X here"):
+        build_config({}, str(path))
+    with pytest.raises(ConfigError, match="owner/name"):
+        build_config({"push_to_hub": "me/two words"})
