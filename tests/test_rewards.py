@@ -336,7 +336,9 @@ def test_compute_rewards_passes_columns():
     compute_rewards(
         [("spy", spy)], None, ["p1", "p2"], ["c1", "c2"], {"answer": ["1", "2"], "completion_ids": [[1], [2, 3]]}
     )
+    trl_extras = {k: seen.pop(k) for k in ("trainer_state", "log_metric", "log_extra")}  # TRL 1.16's extra keywords
     assert seen == {"answer": ["1", "2"], "completion_ids": [[1], [2, 3]], "prompts": ["p1", "p2"]}
+    assert trl_extras["trainer_state"].global_step == 0 and callable(trl_extras["log_metric"])
 
 
 def test_compute_rewards_builtins_end_to_end():
