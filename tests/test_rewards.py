@@ -452,3 +452,12 @@ def test_a_list_of_answers_means_any_of_them():
 def test_an_object_answer_is_refused_not_compared_as_text():
     with pytest.raises(TypeError, match="object"):
         answers_match("{'a': 1}", {"a": 1})
+
+
+def test_gsm8k_answer_with_a_unit():
+    assert extract_answer("She pays 6 * 9 = 54.\n#### 54 dollars") == "54"
+    assert extract_answer("#### 18 per hour\n") == "18"
+    assert answers_match(extract_answer("so\n#### 54 dollars"), "54")
+    assert answers_match("54", "Natalia ...\n#### 54 dollars"), "a reference with a unit too"
+    # more than a unit after the number is a heading, not the answer
+    assert extract_answer("#### 3 steps to solve it\nfirst 4 + 5 = 9") == "9"

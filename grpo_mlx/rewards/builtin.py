@@ -45,7 +45,7 @@ def check_columns(reward_fns: list[tuple[str, RewardFn]], examples: list[dict], 
             if examples and all(_missing(ex.get(column)) for ex in examples):
                 hint = "name the answer column with --answer-key" if column == "answer" else "add the column"
                 raise RewardSpecError(
-                    f"reward {name!r} needs a {column!r} column, but no example of {where} has one "
+                    f"reward {name!r} needs the {column!r} column, but no example of {where} has one "
                     f"({hint}, or choose other --reward-functions)"
                 )
 

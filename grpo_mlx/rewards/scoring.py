@@ -206,7 +206,9 @@ def _await_together(calls: list[tuple[RewardFn, dict]], timeout: float | None) -
         return await asyncio.gather(*(one(fn, kw) for fn, kw in calls), return_exceptions=True)
 
     try:
-        return _call_with_timeout(lambda: asyncio.run(together()), 2 * timeout + 1 if timeout else None, force=True)
+        return _call_with_timeout(
+            lambda: asyncio.run(together()), 2 * timeout + 1 if timeout else None, True
+        )  # in a thread
     except TimeoutError as e:
         return [e] * len(calls)
 
