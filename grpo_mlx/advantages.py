@@ -15,6 +15,7 @@ import mlx.core as mx
 import numpy as np
 
 from grpo_mlx.config import BASELINES, REWARD_COMBINATIONS, SCALE_REWARDS
+from grpo_mlx.sampler import decode_text
 
 
 def _sample_std(x, axis=None, keepdims=False):
@@ -93,11 +94,12 @@ def process_advantages(step_rewards, step_index, step_mask, group_size, num_toke
 
 def token_at_offset(tokenizer, ids: list[int], offset: int) -> int:
     """Index of the first token whose decoded prefix reaches `offset` characters (the token
-    that ends a step ending at that offset). Binary search over prefix decodes: O(log T)."""
+    that ends a step ending at that offset), decoded as the completion text is (special tokens
+    skipped). Binary search over prefix decodes: O(log T)."""
     lo, hi = 0, len(ids) - 1
     while lo < hi:
         mid = (lo + hi) // 2
-        if len(tokenizer.decode(ids[: mid + 1])) >= offset:
+        if len(decode_text(tokenizer, ids[: mid + 1])) >= offset:  # offsets count in the text rewards saw
             hi = mid
         else:
             lo = mid + 1

@@ -95,7 +95,11 @@ class TrainConfig:
     top_p: float = _f(1.0, "Nucleus sampling: keep the smallest set of tokens with this total probability (1 = off).")
     top_k: int = _f(0, "Sample only among the k most likely tokens (0 = off).")
     min_p: float = _f(0.0, "Drop tokens below min-p times the top token's probability (0 = off).")
-    stop: list = _f([], "Stop strings that end a completion (EOS always does).")
+    stop: list = _f(
+        [],
+        "Stop strings that end a completion (EOS always does); not part of the completion text. "
+        "\\n, \\t, \\r are escapes, \\\\ a backslash.",
+    )
     reward_functions: list = _f(
         ["accuracy"],
         "Reward functions: built-in names (accuracy, format, format_soft, overlong, length, code), "
@@ -426,16 +430,37 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return canonical_keys(out, spell=lambda k: f"'{spelled[k]}' (line {lines.get(spelled[k], '?')})", where=f"{path}: ")
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+_ESCAPE = re.compile(r"\\([ntr\\])")
+
+
+def unescape(text: str) -> str:
+    """A stop string as typed: `\\n`, `\\t`, `\\r` are a newline, tab, carriage return and `\\\\` one
+    backslash (a shell cannot pass a newline in '...'); any other backslash stays as written."""
+    return _ESCAPE.sub(lambda m: _ESCAPES[m[1]], text)
+
+
+def _typed_stops(values: dict[str, Any]) -> dict[str, Any]:
+    """Stop strings from flags or YAML with their escapes decoded; one string is one stop string
+    (a comma or newline is a fine stop string). A recorded run's values are decoded already."""
+    stop = values.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if isinstance(stop, (list, tuple)):
+        values = {**values, "stop": [unescape(v) if isinstance(v, str) else v for v in stop]}
+    return values
+
+
 def build_config(
     flags: dict[str, Any] | None = None, config_file: str | None = None, base: dict[str, Any] | None = None
 ) -> TrainConfig:
     """Merge defaults, demo defaults, `base` (a resumed run's saved config), YAML and flags
     (None = unset), then validate."""
-    flags = canonical_keys({k: v for k, v in (flags or {}).items() if v is not None}, spell=flag_name)
+    flags = _typed_stops(canonical_keys({k: v for k, v in (flags or {}).items() if v is not None}, spell=flag_name))
     for key in flags:
         if key not in FIELDS:
             raise ConfigError(f"unknown option '{key}'{closest_key(key)}")
-    from_file = {**(base or {}), **(load_yaml(config_file) if config_file else {})}
+    from_file = {**(base or {}), **_typed_stops(load_yaml(config_file) if config_file else {})}
     merged: dict[str, Any] = {}
     if (flags.get("model") or from_file.get("model")) in (None, DEMO_MODEL):
         merged.update(DEMO_DEFAULTS)

@@ -30,6 +30,7 @@ import os
 import sys
 from pathlib import Path
 
+from grpo_mlx import metric_names as M
 from grpo_mlx import rewards
 
 HELP = "Evaluate a model (and its adapters): pass@k, maj@k, format compliance, mean length."
@@ -115,8 +116,12 @@ def rollouts(
     top_p: float = 1.0,
     stop=(),
     batch_size: int = 16,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    progress=None,
 ):
-    """(chunk of examples, Rollout of n completions each), batch_size prepared examples a call."""
+    """(chunk of examples, Rollout of n completions each), batch_size prepared examples a call;
+    `progress(done, total)` after each chunk (a real model's pass over 200 prompts takes minutes)."""
     from grpo_mlx.sampler import generate_groups
 
     for start in range(0, len(examples), batch_size):
@@ -131,9 +136,13 @@ def rollouts(
                 max_tokens,
                 temperature=temperature,
                 top_p=top_p,
+                top_k=top_k,
+                min_p=min_p,
                 stop=list(stop),
             ),
         )
+        if progress is not None:
+            progress(start + len(chunk), len(examples))
 
 
 def sample_completions(
@@ -160,18 +169,28 @@ def sample_completions(
     return texts, lengths
 
 
+def progress_text(done: int, total: int) -> str:
+    return f"held-out evaluation: {done}/{total} prompts" + (" (greedy)" if done == 0 else "")
+
+
 def held_out(
-    model, tokenizer, examples: list[dict], max_tokens: int, stop=(), score=None, batch_size: int = 64
+    model, tokenizer, examples: list[dict], max_tokens: int, stop=(), score=None, batch_size: int = 64, progress=None
 ) -> dict:
     """The held-out figures a training run reports, from one greedy completion per prompt:
     `accuracy` (pass@1 over the prompts that have an answer), `format`, `mean_length` and, with
-    `score(chunk, rollout) -> RewardResult`, `mean_reward` (process rewards at their mean)."""
+    `score(chunk, rollout) -> RewardResult`, `mean_reward` (process rewards at their mean).
+    `progress(done, total)` is called at the start (0) and after each batch of prompts."""
     if not examples:
         return {}
     training = model.training
     model.eval()
+    if progress is not None:
+        progress(0, len(examples))
     texts, lengths, references, totals = [], [], [], []
-    for chunk, roll in rollouts(model, tokenizer, examples, 1, max_tokens, 0.0, stop=stop, batch_size=batch_size):
+    chunks = rollouts(
+        model, tokenizer, examples, 1, max_tokens, 0.0, stop=stop, batch_size=batch_size, progress=progress
+    )
+    for chunk, roll in chunks:
         for i, ex in enumerate(chunk):
             if has_answer(ex.get("answer")):
                 texts.append([roll.texts[i]])
@@ -200,26 +219,81 @@ def evaluate(
     stop=(),
     batch_size: int = 16,
     seed: int = 0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    reward_fns=(),
+    samples: list | None = None,
+    progress=None,
 ) -> dict:
-    """Metrics of `model` on prepared examples; with temperature 0 only k = 1 (greedy)."""
+    """Metrics of `model` on prepared examples; with temperature 0 only k = 1 (greedy). With
+    `reward_fns` ((name, function) pairs, loaded as train loads them) also each one's mean,
+    `rewards/<name>/mean`; `samples` (a list) receives one row per completion (sample_rows)."""
+    import mlx.core as mx
+
     ks = [1] if temperature == 0 else sorted(set(ks))
+    n = max(ks)
     model.eval()
-    texts, lengths = sample_completions(
-        model, tokenizer, examples, max(ks), max_tokens, temperature, top_p, stop, batch_size, seed
-    )
-    return score_samples(texts, lengths, [ex.get("answer") for ex in examples], ks)
+    mx.random.seed(seed)
+    texts, lengths, rows, scored = [], [], [], []
+    chunks = rollouts(model, tokenizer, examples, n, max_tokens, temperature, top_p, stop, batch_size, top_k, min_p,
+                      progress)  # fmt: skip
+    for chunk, roll in chunks:
+        result = (
+            rewards.score_examples(list(reward_fns), chunk, roll.texts, roll.completion_ids) if reward_fns else None
+        )
+        for p, ex in enumerate(chunk):
+            texts.append(roll.texts[p * n : (p + 1) * n])
+            lengths.append([int(x) for x in roll.lengths[p * n : (p + 1) * n]])
+            for i in range(p * n, (p + 1) * n):
+                values = {k: v[i] for k, v in result.per_function.items()} if result else {}
+                rows.append((ex, roll.texts[i], int(roll.lengths[i]), roll.finish_reasons[i], values))
+        scored.append(result)
+    metrics = score_samples(texts, lengths, [ex.get("answer") for ex in examples], ks)
+    for name in scored[0].per_function if scored and scored[0] else ():
+        values = [v for r in scored for v in r.per_function[name].tolist() if v == v]  # None (NaN) does not count
+        metrics[M.reward_mean(name)] = _mean(values)
+    if samples is not None:
+        samples.extend(sample_rows(rows, n))
+    return metrics
 
 
-def compare(model, tokenizer, examples: list[dict], with_adapters: bool, **options) -> dict:
+def sample_rows(rows: list[tuple], n: int) -> list[dict]:
+    """What `--json` shows of each completion: its prompt, text, extracted answer and verdict."""
+    out = []
+    for j, (ex, text, length, finish, values) in enumerate(rows):
+        answer = rewards.extract_answer(text)
+        out.append(
+            {
+                "prompt_index": j // n,
+                "prompt": ex.get("prompt"),
+                "reference": ex.get("answer"),
+                "completion": text,
+                "extracted_answer": answer,
+                "correct": rewards.answers_match(answer, ex.get("answer")),
+                "length": length,
+                "finish_reason": finish,
+                **({"rewards": {k: None if v != v else float(v) for k, v in values.items()}} if values else {}),
+            }
+        )
+    return out
+
+
+def compare(model, tokenizer, examples: list[dict], with_adapters: bool, samples=None, progress=None, **options):
     """{"base": metrics, "adapters": metrics} (the base is the same model with its adapters
-    switched off), or {"model": metrics} for a model without adapters."""
+    switched off), or {"model": metrics} for a model without adapters. `samples` (a dict)
+    receives each model's sample rows; `progress(name, done, total)` follows the sampling."""
     from grpo_mlx.policy import adapters_disabled
 
+    def one(name: str) -> dict:
+        rows = None if samples is None else samples.setdefault(name, [])
+        track = None if progress is None else (lambda done, total: progress(name, done, total))
+        return evaluate(model, tokenizer, examples, samples=rows, progress=track, **options)
+
     if not with_adapters:
-        return {"model": evaluate(model, tokenizer, examples, **options)}
+        return {"model": one("model")}
     with adapters_disabled(model):  # graphs are built and evaluated inside the block
-        base = evaluate(model, tokenizer, examples, **options)
-    return {"base": base, "adapters": evaluate(model, tokenizer, examples, **options)}
+        base = one("base")
+    return {"base": base, "adapters": one("adapters")}
 
 
 def load_for_eval(model_path: str, adapter_path: str | None):
@@ -250,12 +324,12 @@ def format_table(results: dict) -> str:
     rows = [header]
     for m in metrics:
         values = [results[name][m] for name in names]
-        is_length = m == "mean_length"
-        show = (lambda v: f"{v:.1f}") if is_length else (lambda v: f"{v:.1%}")
+        is_length, is_reward = m == "mean_length", M.reward_function_of(m) is not None
+        show = (lambda v: f"{v:.1f}") if is_length else (lambda v: f"{v:.3f}") if is_reward else (lambda v: f"{v:.1%}")
         row = [m.replace("mean_length", "mean length (tokens)")] + [show(v) for v in values]
         if len(names) == 2:
             delta = values[1] - values[0]
-            row.append(f"{delta:+.1f}" if is_length else f"{100 * delta:+.1f} pts")
+            row.append(f"{delta:+.1f}" if is_length else f"{delta:+.3f}" if is_reward else f"{100 * delta:+.1f} pts")
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = [
@@ -312,6 +386,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--top-p", type=float, default=1.0, metavar="X", help="Nucleus sampling (1 = off).")
     parser.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Sample among the k most likely tokens (0 = off). Default: the run's.",
+    )
+    parser.add_argument(
+        "--min-p",
+        type=float,
+        default=None,
+        metavar="X",
+        help="Drop tokens below min-p x the top one's probability (0 = off). Default: the run's.",
+    )
+    parser.add_argument(
+        "--reward-functions",
+        nargs="+",
+        default=None,
+        metavar="SPEC",
+        help="Also report the mean of these rewards (built-in names, file.py:function or module:function, "
+        "loaded as train loads them). Default: none.",
+    )
+    parser.add_argument(
         "--max-completion-length",
         type=int,
         default=None,
@@ -329,11 +425,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Prompts sampled together (each with max(k) completions). [default: 16]",
     )
     parser.add_argument("--system-prompt", default=None, help="System prompt. Default: the run's.")
-    parser.add_argument("--stop", nargs="+", default=None, metavar="TEXT", help="Stop strings. Default: the run's.")
+    parser.add_argument(
+        "--stop",
+        nargs="+",
+        default=None,
+        metavar="TEXT",
+        help="Stop strings (\\n, \\t, \\r, \\\\ escapes). Default: the run's.",
+    )
     parser.add_argument("--prompt-key", default=None, help="Prompt column. Default: the run's, else prompt.")
     parser.add_argument("--answer-key", default=None, help="Answer column. Default: the run's, else answer.")
     parser.add_argument(
-        "--json", metavar="PATH", help="Also write the results as JSON to PATH (- for stdout, instead of the table)."
+        "--json",
+        metavar="PATH",
+        help="Also write the results, with every sample (prompt, completion, extracted answer, verdict), "
+        "as JSON to PATH (- for stdout, instead of the table).",
     )
     parser.add_argument("--debug", action="store_true", help="Show Python tracebacks on errors.")
 
@@ -366,7 +471,7 @@ def adapter_base_model(adapter_path: str | None) -> str | None:
 
 
 def resolve_settings(args: argparse.Namespace) -> dict:
-    from grpo_mlx.config import DEMO_DATA, DEMO_DEFAULTS, DEMO_MODEL, ConfigError
+    from grpo_mlx.config import DEMO_DATA, DEMO_DEFAULTS, DEMO_MODEL, ConfigError, unescape
 
     saved = run_config(args.adapter_path)
     model = args.model or adapter_base_model(args.adapter_path) or DEMO_MODEL
@@ -389,6 +494,10 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         raise ConfigError(f"--temperature {temperature}: must be a finite number >= 0 (0 is greedy)")
     if not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
         raise ConfigError(f"--top-p {args.top_p}: must be in (0, 1]")
+    top_k = args.top_k if args.top_k is not None else int(saved.get("top_k") or 0)
+    min_p = args.min_p if args.min_p is not None else float(saved.get("min_p") or 0.0)
+    if top_k < 0 or not (math.isfinite(min_p) and 0 <= min_p < 1):
+        raise ConfigError(f"--top-k {top_k} and --min-p {min_p}: need top-k >= 0 and min-p in [0, 1)")
     if args.batch_size < 1 or length < 1:
         raise ConfigError(
             f"--batch-size {args.batch_size} and --max-completion-length {length}: both must be at least 1"
@@ -406,12 +515,15 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         k=[1] if temperature == 0 else args.k,
         temperature=temperature,
         top_p=args.top_p,
+        top_k=top_k,
+        min_p=min_p,
         max_completion_length=int(length),
         limit=args.limit,
         seed=args.seed,
         batch_size=args.batch_size,
         system_prompt=args.system_prompt if args.system_prompt is not None else saved.get("system_prompt"),
-        stop=args.stop if args.stop is not None else saved.get("stop") or [],
+        stop=[unescape(s) for s in args.stop] if args.stop is not None else saved.get("stop") or [],
+        reward_functions=args.reward_functions or [],
         prompt_key=args.prompt_key or saved.get("prompt_key") or "prompt",
         answer_key=args.answer_key or saved.get("answer_key") or "answer",
     )
@@ -475,6 +587,9 @@ def plan_batch(n: int, batch_size: int, per_sample: int, available: int, k_text:
 
 def run(args: argparse.Namespace) -> int:
     settings = resolve_settings(args)
+    # the same loader as train, before anything loads: a typo costs no model load
+    reward_fns = [rewards.resolve_reward(s, max_completion_length=settings["max_completion_length"])
+                  for s in settings["reward_functions"]]  # fmt: skip
     from grpo_mlx.blas import use_system_blas
 
     use_system_blas()
@@ -492,6 +607,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if settings["limit"]:
         scored = scored[: settings["limit"]]
+    rewards.check_columns(reward_fns, scored, f"{settings['data']} ({settings['split']})")
     model, tokenizer = load_for_eval(settings["model"], settings["adapter_path"])
     prepared = data.prepare_examples(scored, tokenizer, settings["system_prompt"])
     n = max(settings["k"])
@@ -519,6 +635,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if skipped:
         print(f"  {skipped} examples without an answer skipped", file=sys.stderr)
+    samples: dict = {}
     results = compare(
         model,
         tokenizer,
@@ -528,9 +645,14 @@ def run(args: argparse.Namespace) -> int:
         temperature=settings["temperature"],
         max_tokens=settings["max_completion_length"],
         top_p=settings["top_p"],
+        top_k=settings["top_k"],
+        min_p=settings["min_p"],
         stop=settings["stop"],
         batch_size=settings["batch_size"],
         seed=settings["seed"],
+        reward_fns=reward_fns,
+        samples=samples,
+        progress=ProgressLine(),
     )
     report = {
         **{k: v for k, v in settings.items() if k != "limit"},
@@ -538,6 +660,7 @@ def run(args: argparse.Namespace) -> int:
         "samples_per_prompt": n,
         "skipped_without_answer": skipped,
         "results": results,
+        "samples": samples,
     }
     if args.json == "-":
         print(json.dumps(report, indent=2))
@@ -547,3 +670,19 @@ def run(args: argparse.Namespace) -> int:
         Path(args.json).expanduser().write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         print(f"results written to {args.json}", file=sys.stderr)
     return 0
+
+
+class ProgressLine:
+    """`progress(name, done, total)` as a line on stderr: rewritten in place on a terminal, one
+    line per batch of prompts otherwise (logs)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        line = f"  {name}: {done}/{total} prompts sampled"
+        if self.stream.isatty():
+            self.stream.write("\r\033[K" + line + ("\n" if done >= total else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()

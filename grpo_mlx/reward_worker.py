@@ -11,11 +11,14 @@ macOS uses anyway. No MLX import here or in the worker.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import multiprocessing
 import signal
 from typing import Any
 
 from grpo_mlx.rewards import BUILTIN_REWARDS, RewardFn
+from grpo_mlx.rewards.context import extra_logger
 
 
 class WorkerDied(RuntimeError):
@@ -40,8 +43,14 @@ def _serve(conn, spec: str, options: dict) -> None:
         if fn is None:
             conn.send(("error", failure))
             continue
+        metrics, extra = [], {}  # what the function logs, replayed in the trainer with the result
+        kwargs.update(log_metric=lambda name, value, into=metrics: into.append((name, value)))
+        kwargs.update(log_extra=extra_logger(extra))
         try:
-            conn.send(("ok", fn(**kwargs)))
+            values = fn(**kwargs)
+            if inspect.isawaitable(values):  # an async def function: its own loop, in its own process
+                values = asyncio.run(values)
+            conn.send(("ok", (values, metrics, extra)))
         except BaseException as e:  # noqa: BLE001 - sys.exit() and KeyboardInterrupt are the function's failures too
             message = f"called sys.exit({e.code!r})" if isinstance(e, SystemExit) else str(e)
             conn.send(("error", (type(e).__name__, message)))
@@ -87,6 +96,8 @@ class ProcessReward:
         return WorkerDied(f"its worker process ended without a result ({how})")
 
     def __call__(self, **kwargs: Any):
+        # the logging callables cannot cross to the worker: it records the calls, they are replayed here
+        log_metric, log_extra = kwargs.pop("log_metric", None), kwargs.pop("log_extra", None)
         if self.process is None or not self.process.is_alive():
             self._start()
         try:
@@ -103,7 +114,14 @@ class ProcessReward:
             raise self._died() from None
         if status == "error":
             raise _remote_error(*value)
-        return value
+        values, metrics, extra = value
+        for name, number in metrics:
+            if log_metric is not None:
+                log_metric(name, number)
+        for column, column_values in extra.items():
+            if log_extra is not None:
+                log_extra(column, column_values)
+        return values
 
     def close(self) -> None:
         if self.conn is not None:

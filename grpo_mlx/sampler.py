@@ -45,7 +45,7 @@ class Rollout:
     logprobs: np.ndarray  # (N, T) float32, sampling log-probabilities (0 after the end)
     lengths: np.ndarray  # (N,) int, tokens in each completion, EOS included
     finish_reasons: list  # (N,) "stop" (EOS or stop string) or "length"
-    texts: list  # (N,) decoded completion text, EOS not included
+    texts: list  # (N,) completion text (decode_completion): special tokens and the stop string left out
     prompt_tokens: int  # prompt tokens prefilled (each prompt once)
     prefill_time: float = 0.0  # seconds spent prefilling the prompts
     decode_time: float = 0.0  # seconds spent decoding (sampling included, text decoding not)
@@ -239,9 +239,29 @@ def host_pick(logits, temperature: float, u=None, block: int = 128):
 
 
 def _stop_cut(text: str, stop_strings) -> int | None:
-    """End index of the earliest stop string in text (the stop string is kept), or None."""
+    """End index of the earliest stop string in text (where the completion stops), or None."""
     ends = [text.find(s) + len(s) for s in stop_strings if s and s in text]
     return min(ends) if ends else None
+
+
+def decode_text(tokenizer, ids: list[int]) -> str:
+    """Text of token ids as TRL shows completions: special tokens skipped."""
+    try:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+    except TypeError:  # a stand-in tokenizer whose decode takes the ids only
+        return tokenizer.decode(ids)
+
+
+def decode_completion(tokenizer, ids: list[int], stop=()) -> str:
+    """The completion text rewards and samples see: decoded as TRL decodes (special tokens
+    skipped, so the final EOS is not in it) and, as OpenAI-style servers and vLLM return it,
+    without the stop string that ended it. The token ids themselves stay as sampled."""
+    eos = set(getattr(tokenizer, "eos_token_ids", ()) or ())
+    if ids and ids[-1] in eos:  # an EOS that is not a special token (some configs) goes too
+        ids = ids[:-1]
+    text = decode_text(tokenizer, ids)
+    starts = [text.find(s) for s in stop if s and s in text]
+    return text[: min(starts)] if starts else text
 
 
 def generate_groups(
@@ -338,8 +358,8 @@ def generate_groups(
             rows = rows[keep]
     if pending is not None:
         read_back(*pending)
-    if stop:
-        _find_stop_strings(tokenizer, tokens, end, min(steps, max_tokens), stop)
+    if stop:  # every row: one that met EOS between two checks may hold a stop string before it
+        _find_stop_strings(tokenizer, tokens, end, min(steps, max_tokens), stop, every_row=True)
     t_decode = time.perf_counter()
 
     width = min(steps, max_tokens)
@@ -349,10 +369,12 @@ def generate_groups(
     return roll
 
 
-def _find_stop_strings(tokenizer, tokens, end, t, stop):
-    """End rows (not already ended) whose text within the first t tokens holds a stop string."""
-    for row in np.nonzero(end > t)[0]:
-        ids = tokens[row, :t].tolist()
+def _find_stop_strings(tokenizer, tokens, end, t, stop, every_row: bool = False):
+    """End rows (not already ended, or `every_row`) whose text within the first t tokens (and
+    before their end) holds a stop string. The raw text, special tokens included, is searched,
+    so a special token's text (`<|im_end|>` for a base model whose EOS is another) stops too."""
+    for row in np.nonzero(end > 0 if every_row else end > t)[0]:
+        ids = tokens[row, : min(t, end[row])].tolist()
         if _stop_cut(tokenizer.decode(ids), stop) is not None:
             # the shortest prefix of tokens whose text contains the stop string
             for k in range(1, t + 1):
@@ -368,13 +390,5 @@ def _finish(tokenizer, tokens, logprobs, end, stop, pad, prompt_tokens) -> Rollo
     keep = np.arange(t)[None] < lengths[:, None]  # (N, T)
     tokens = np.where(keep, tokens, pad).astype(np.int32)  # (N, T)
     logprobs = np.where(keep, logprobs, 0.0).astype(np.float32)  # (N, T)
-    eos_ids = set(tokenizer.eos_token_ids)
-    texts = []
-    for row in range(n):
-        ids = tokens[row, : lengths[row]].tolist()
-        if ids and ids[-1] in eos_ids and reasons[row] == "stop":
-            ids = ids[:-1]
-        text = tokenizer.decode(ids)
-        cut = _stop_cut(text, stop) if stop else None
-        texts.append(text[:cut] if cut is not None else text)
+    texts = [decode_completion(tokenizer, tokens[row, : lengths[row]].tolist(), stop) for row in range(n)]
     return Rollout(tokens, logprobs, lengths, reasons, texts, prompt_tokens)

@@ -388,9 +388,11 @@ def step_metrics(
     kl: float | None,
     dynamic_sampling: bool,
     world: World,
+    logged: dict | None = None,
 ) -> dict:
     """The step's figures with TRL's names, over the global batch: per-completion values are
-    gathered from every rank, per-rank figures averaged. `shown` (N,) is the reward reported."""
+    gathered from every rank, per-rank figures averaged. `shown` (N,) is the reward reported;
+    `logged`: what reward functions logged with log_metric (this rank's), under their names."""
     G = group_size
     shown, lengths = world.gather(shown), world.gather(batch.rollout.lengths)
     clipped = world.gather(np.array([r == "length" for r in batch.rollout.finish_reasons], dtype=np.float32))
@@ -427,7 +429,7 @@ def step_metrics(
         finite = vals[~np.isnan(vals)]
         metrics[M.reward_mean(name)] = float(finite.mean()) if finite.size else float("nan")
         metrics[M.reward_std(name)] = float(finite.std(ddof=1)) if finite.size > 1 else 0.0
-    return metrics
+    return {**(logged or {}), **metrics}  # a logged name never hides a built-in figure
 
 
 def _over_passes(key: str, values: list, world: World) -> float:
@@ -460,6 +462,7 @@ def sample_groups(batch: Batch, shown: np.ndarray, advantages: np.ndarray, group
                     advantage=float(advantages[i]),
                     length=int(roll.lengths[i]),
                     finish_reason=roll.finish_reasons[i],
+                    **({"extra": {c: v[i] for c, v in batch.rewards.extra.items()}} if batch.rewards.extra else {}),
                 )
             )
         groups.append(

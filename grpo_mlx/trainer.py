@@ -26,7 +26,7 @@ from grpo_mlx.batch import make_batch
 from grpo_mlx.blas import blas_name
 from grpo_mlx.config import ConfigError, TrainConfig, default_run_dir, to_dict
 from grpo_mlx.errors import UserError
-from grpo_mlx.evaluate import held_out
+from grpo_mlx.evaluate import held_out, progress_text
 from grpo_mlx.events import Control, EventBus, JsonlSink
 from grpo_mlx.loss import applied_entropy_coef, mix_reference, next_entropy_coef
 from grpo_mlx.policy import (
@@ -95,6 +95,7 @@ class Trainer:
         cfg = self.cfg
         self.reward_fns = reward_functions(cfg)
         self.train_examples = data.load_split(cfg.data, "train", prompt_key=cfg.prompt_key, answer_key=cfg.answer_key)
+        rewards.check_columns(self.reward_fns, self.train_examples, f"{cfg.data} (train)")  # before any model loads
         self.eval_examples = []
         if cfg.eval_limit > 0:
             for split in dict.fromkeys([cfg.eval_split, "valid", "test"]):
@@ -244,6 +245,7 @@ class Trainer:
         mx.reset_peak_memory()
 
         # 1. draw prompts, sample G completions of each, score them        (step, sampler, rewards)
+        self.reward_context = rewards.RewardContext(rewards.TrainerState(step, cfg.iters, self.epoch()))
         collected = collect_groups(self.train_examples, self.state["data_position"], world=world, sample=self.sample,
                                    score=self.score, timing=timing, **self._sampling)  # fmt: skip
         self.state["data_position"] = collected.position
@@ -284,7 +286,7 @@ class Trainer:
         # 6. report: TRL-named metrics of the global batch, samples of rank 0's groups        (step)
         metrics = step_metrics(batch, shown, collected, update, group_size=G, timing=timing, kl=kl, world=world,
                                learning_rate=float(self.optimizer.learning_rate.item()),
-                               step_time=time.perf_counter() - t_step,
+                               step_time=time.perf_counter() - t_step, logged=self.reward_context.metrics(),
                                dynamic_sampling=cfg.dynamic_sampling)  # fmt: skip
         self._after_update(metrics, coef)
         if world.is_main:
@@ -329,28 +331,25 @@ class Trainer:
             seeds=seeds,
         )
 
-    def score(self, examples: list[dict], roll: Rollout) -> rewards.RewardResult:
+    def epoch(self) -> float:
+        """Passes over the training prompts so far (TrainerState.epoch)."""
+        return self.state["data_position"] / max(len(self.train_examples), 1)
+
+    def score(self, examples: list[dict], roll: Rollout, context=None) -> rewards.RewardResult:
         """Rewards of every completion, TRL-style: prompts and completions repeated per row,
-        every extra dataset column passed by name."""
-        group_size = len(roll.texts) // max(len(examples), 1)
-        rows = [ex for ex in examples for _ in range(group_size)]
-        prompts = [ex["prompt"] for ex in rows]
-        completions = [
-            [{"role": "assistant", "content": text}] if isinstance(ex["prompt"], list) else text
-            for text, ex in zip(roll.texts, rows)
-        ]
-        skip = {"prompt", "prompt_text", "prompt_ids"}
-        columns = {k: [ex.get(k) for ex in rows] for k in (rows[0] if rows else {}) if k not in skip}
-        columns["completion_ids"] = roll.completion_ids
-        return rewards.compute_rewards(
-            self.reward_fns, self.cfg.reward_weights, prompts, completions, columns, timeout=self.cfg.reward_timeout
-        )
+        every extra dataset column passed by name; what the functions log goes to `context`
+        (default: the step's)."""
+        return rewards.score_examples(self.reward_fns, examples, roll.texts, roll.completion_ids,
+                                      weights=self.cfg.reward_weights, timeout=self.cfg.reward_timeout,
+                                      context=context or getattr(self, "reward_context", None))  # fmt: skip
 
     def evaluate(self, examples: list[dict]) -> dict:
         """Greedy held-out figures: exact-answer accuracy (when answers exist) and mean reward."""
-        return held_out(
-            self.model, self.tokenizer, examples, self.cfg.max_completion_length, self.cfg.stop, score=self.score
-        )
+        context = rewards.RewardContext(rewards.TrainerState(int(self.state["step"]), self.cfg.iters, self.epoch()))
+        return held_out(self.model, self.tokenizer, examples, self.cfg.max_completion_length, self.cfg.stop,
+                        score=lambda chunk, roll: self.score(chunk, roll, context),  # logs stay out of the steps
+                        progress=lambda done, total: self.bus.emit(events.Message(
+                            level="info", text=progress_text(done, total))))  # fmt: skip
 
     # ----------------------------------------------------------------- the loop
     def save(self, step: int) -> None:

@@ -297,6 +297,8 @@ def test_objective_options_defaults_and_accepted_combinations():
 def test_config_stays_free_of_mlx():
     code = "import sys, grpo_mlx.config; assert 'mlx.core' not in sys.modules, 'config imported MLX'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
 # ------------------------------------------------------------------ TRL / mlx-lm spellings
 
 
@@ -415,3 +417,29 @@ def test_push_to_hub_takes_a_repo_id_not_trls_boolean(tmp_path):
         build_config({}, str(path))
     with pytest.raises(ConfigError, match="owner/name"):
         build_config({"push_to_hub": "me/two words"})
+
+
+def test_stop_escapes_mean_the_same_on_the_command_line_and_in_yaml(tmp_path):
+    from grpo_mlx.config import unescape
+
+    assert unescape(r"\n") == "\n" and unescape(r"a\tb\r") == "a\tb\r"
+    assert unescape(r"\\n") == "\\n", "a doubled backslash is one literal backslash"
+    assert unescape(r"\d+") == r"\d+", "other backslashes stay as written"
+    args = cli.make_parser().parse_args(["train", "--stop", r"\n", r"</answer>\\"])
+    assert cli.config_from_args(args).stop == ["\n", "</answer>\\"]
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("stop: ['\\n', \"\\n\\n\", ', ']\n")  # single-quoted: backslash n; double-quoted: newlines
+    assert build_config({}, str(yaml_file)).stop == ["\n", "\n\n", ", "]
+    yaml_file.write_text('stop: "\\n"\n')  # one string is one stop string, kept whole
+    assert build_config({}, str(yaml_file)).stop == ["\n"]
+
+
+def test_a_resumed_run_does_not_decode_its_stop_strings_again(tmp_path):
+    import json
+
+    from grpo_mlx.config import build_resumed_config, to_dict
+
+    cfg = build_config({"stop": [r"\\n"], "adapter_path": str(tmp_path)})
+    assert cfg.stop == ["\\n"]  # a literal backslash and n
+    (tmp_path / "config.json").write_text(json.dumps(to_dict(cfg)))
+    assert build_resumed_config(str(tmp_path)).stop == ["\\n"]

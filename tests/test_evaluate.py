@@ -221,3 +221,22 @@ def test_k_far_beyond_memory_is_refused_and_batches_shrink_to_fit():
         plan_batch(1_000_000, 16, per_sample=10**6, available=10**11, k_text="1000000")
     assert plan_batch(1000, 16, per_sample=10**6, available=10**10, k_text="1000") == 5  # 5 GB budget / 1 GB a prompt
     assert plan_batch(4, 16, per_sample=10**3, available=10**10, k_text="4") == 16
+
+
+def test_eval_json_has_samples_custom_rewards_and_top_k(tmp_path, capsys):
+    example = "examples/reward_example.py:concise_correct"
+    args = ["--temperature", "0", "--limit", "6", "--batch-size", "4", "--reward-functions", "accuracy", example]
+    report = _eval_json(tmp_path, "r", *args)
+    metrics, rows = report["results"]["model"], report["samples"]["model"]
+    assert metrics["rewards/accuracy/mean"] == pytest.approx(metrics["pass@1"]), "the same loader and answers"
+    assert "rewards/concise_correct/mean" in metrics
+    assert len(rows) == 6 and {"prompt", "completion", "extracted_answer", "correct", "rewards"} <= set(rows[0])
+    assert sum(r["correct"] for r in rows) / 6 == pytest.approx(metrics["pass@1"])
+    err = capsys.readouterr().err
+    assert "model: 4/6 prompts sampled" in err and "model: 6/6 prompts sampled" in err
+    # top-k 1 at temperature 1 is greedy: the same completions as above
+    top1 = _eval_json(tmp_path, "k", "--temperature", "1", "-k", "1", "--top-k", "1", "--min-p", "0.1", "--limit", "6")
+    assert top1["top_k"] == 1 and top1["min_p"] == 0.1
+    assert [r["completion"] for r in top1["samples"]["model"]] == [r["completion"] for r in rows]
+    assert cli.main(["eval", "--reward-functions", "acuracy", "--limit", "2"]) == 1
+    assert "did you mean 'accuracy'" in capsys.readouterr().err

@@ -336,7 +336,9 @@ def test_compute_rewards_passes_columns():
     compute_rewards(
         [("spy", spy)], None, ["p1", "p2"], ["c1", "c2"], {"answer": ["1", "2"], "completion_ids": [[1], [2, 3]]}
     )
+    trl_extras = {k: seen.pop(k) for k in ("trainer_state", "log_metric", "log_extra")}  # TRL 1.16's extra keywords
     assert seen == {"answer": ["1", "2"], "completion_ids": [[1], [2, 3]], "prompts": ["p1", "p2"]}
+    assert trl_extras["trainer_state"].global_step == 0 and callable(trl_extras["log_metric"])
 
 
 def test_compute_rewards_builtins_end_to_end():
@@ -450,3 +452,12 @@ def test_a_list_of_answers_means_any_of_them():
 def test_an_object_answer_is_refused_not_compared_as_text():
     with pytest.raises(TypeError, match="object"):
         answers_match("{'a': 1}", {"a": 1})
+
+
+def test_gsm8k_answer_with_a_unit():
+    assert extract_answer("She pays 6 * 9 = 54.\n#### 54 dollars") == "54"
+    assert extract_answer("#### 18 per hour\n") == "18"
+    assert answers_match(extract_answer("so\n#### 54 dollars"), "54")
+    assert answers_match("54", "Natalia ...\n#### 54 dollars"), "a reference with a unit too"
+    # more than a unit after the number is a heading, not the answer
+    assert extract_answer("#### 3 steps to solve it\nfirst 4 + 5 = 9") == "9"

@@ -93,7 +93,7 @@ def test_stop_strings_end_rows(model_and_tokenizer):
     roll = generate_groups(
         model, tok, prompts, group_size=2, max_tokens=6, temperature=0, stop=[first_char], stop_check_every=1
     )
-    assert roll.texts == [first_char, first_char]
+    assert roll.texts == ["", ""]  # the stop string is not part of the text (OpenAI-style servers, vLLM)
     assert roll.finish_reasons == ["stop", "stop"] and list(roll.lengths) == [1, 1]
 
 

@@ -6,7 +6,11 @@ functions) and scoring.py (a batch's rewards) are the parts; this package export
 A reward function is `f(prompts, completions, **columns) -> list[float | None]`, exactly as in
 TRL, so TRL reward functions work unchanged. `completions[i]` is a string for plain-text data or
 `[{"role": "assistant", "content": text}]` for conversational data; `columns` holds every extra
-dataset column as a list aligned with `completions` (e.g. `answer=[...]`) plus `completion_ids`.
+dataset column as a list aligned with `completions` (e.g. `answer=[...]`) plus TRL's
+`completion_ids` (the sampled token ids, EOS included), `trainer_state` (global_step, epoch,
+max_steps), `log_metric(name, value)` and `log_extra(column, values)` (rewards.context).
+Completion text is decoded as TRL decodes it: special tokens skipped, the final EOS and a stop
+string left out. `async def` functions are awaited together.
 `None` means "not applicable to this completion"; it adds 0 to the weighted total (TRL's nansum).
 
 Choices:
@@ -22,22 +26,27 @@ Choices:
 """
 
 from grpo_mlx.rewards.answers import answers_match, completion_text, extract_answer
-from grpo_mlx.rewards.builtin import BUILTIN_REWARDS, RewardFn, accuracy_reward, format_reward
+from grpo_mlx.rewards.builtin import BUILTIN_REWARDS, RewardFn, accuracy_reward, check_columns, format_reward
+from grpo_mlx.rewards.context import RewardContext, TrainerState
 from grpo_mlx.rewards.errors import RewardFunctionError, RewardSpecError
 from grpo_mlx.rewards.loading import resolve_reward
-from grpo_mlx.rewards.scoring import RewardResult, compute_rewards
+from grpo_mlx.rewards.scoring import RewardResult, compute_rewards, score_examples
 
 __all__ = [
     "BUILTIN_REWARDS",
     "RewardFn",
     "RewardFunctionError",
+    "RewardContext",
     "RewardResult",
     "RewardSpecError",
+    "TrainerState",
     "accuracy_reward",
     "answers_match",
+    "check_columns",
     "completion_text",
     "compute_rewards",
     "extract_answer",
     "format_reward",
     "resolve_reward",
+    "score_examples",
 ]

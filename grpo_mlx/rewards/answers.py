@@ -1,8 +1,8 @@
 """Answers in completion text: the text of a completion, the answer it gives (\\boxed{}, `####`,
 <answer> tags, the last number) and whether two answers are the same (numbers, fractions, text).
 
-`#### x` counts as an answer only when x is a number or ends the text (else it is a heading).
-Pure Python.
+`#### x` counts as an answer only when x is a number or ends the text (else it is a heading);
+GSM8K's `#### 54 dollars` gives 54 (a number and at most two words of unit). Pure Python.
 """
 
 from __future__ import annotations
@@ -49,11 +49,24 @@ def _clean(answer: str) -> str:
     return answer.strip().strip("$").strip().rstrip(".").strip()
 
 
+# GSM8K's "#### 54 dollars": a number, then at most two words of unit (a longer tail is a heading).
+_NUMBER_AND_UNIT = re.compile(r"(\S*?\d[\d,./]*%?)\s+[^\W\d_]+(?:\s+[^\W\d_]+)?\.?")
+
+
+def _hash_answer(found: str) -> str:
+    """The answer in what follows `####`: its number when a unit follows it ("54 dollars")."""
+    match = _NUMBER_AND_UNIT.fullmatch(found.strip())
+    return match[1] if match and _to_number(match[1]) is not None else found
+
+
 def _last_hashes(text: str) -> str | None:
-    # "#### x" is also a markdown heading; trust it only if x is a number or ends the text.
+    # "#### x" is also a markdown heading; trust it only if x is a number (with a unit) or ends the text.
     match = ([None] + list(_HASHES.finditer(text)))[-1]
-    if match and (_to_number(match[1]) is not None or not text[match.end() :].strip()):
-        return match[1]
+    if match is None:
+        return None
+    answer = _hash_answer(match[1])
+    if _to_number(answer) is not None or not text[match.end() :].strip():
+        return answer
     return None
 
 
@@ -102,7 +115,7 @@ def answers_match(predicted: str | None, reference: Any) -> bool:
     reference = str(reference)
     if "####" in reference:  # a GSM8K solution: the answer follows the last ####
         hashes = _HASHES.findall(reference)
-        reference = hashes[-1] if hashes else reference
+        reference = _hash_answer(hashes[-1]) if hashes else reference
     a, b = _to_number(str(predicted)), _to_number(reference)
     if a is not None and b is not None:
         return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)

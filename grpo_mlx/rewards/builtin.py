@@ -31,6 +31,25 @@ def _missing(reference: Any) -> bool:
     )  # pandas' empty cell
 
 
+def _needs(fn: RewardFn, *columns: str) -> RewardFn:
+    """Mark a built-in with the data columns it reads (check_columns refuses a run without them)."""
+    fn.needs_columns = columns
+    return fn
+
+
+def check_columns(reward_fns: list[tuple[str, RewardFn]], examples: list[dict], where: str) -> None:
+    """Refuse, before any training, a reward that reads a column no example has a value in (an
+    `accuracy` reward without answers would score every completion None: a run that learns nothing)."""
+    for name, fn in reward_fns:
+        for column in getattr(fn, "needs_columns", ()):
+            if examples and all(_missing(ex.get(column)) for ex in examples):
+                hint = "name the answer column with --answer-key" if column == "answer" else "add the column"
+                raise RewardSpecError(
+                    f"reward {name!r} needs the {column!r} column, but no example of {where} has one "
+                    f"({hint}, or choose other --reward-functions)"
+                )
+
+
 def accuracy_reward(column: str = "answer", **_) -> RewardFn:
     """1.0 if the extracted answer matches the `column` value, 0.0 if not, None if no answer."""
 
@@ -42,7 +61,7 @@ def accuracy_reward(column: str = "answer", **_) -> RewardFn:
             for c, ref in zip(completions, answers, strict=True)
         ]
 
-    return accuracy
+    return _needs(accuracy, column)
 
 
 def _format_rules(text: str) -> list[bool]:
@@ -133,14 +152,15 @@ def digit_steps_reward(column: str = "answer", **_) -> RewardFn:
             )
         return out
 
-    return digit_steps
+    return _needs(digit_steps, column)
 
 
 def code_reward(**options) -> RewardFn:
     """Generated Python run against the example's `tests` column in a sandboxed process."""
     from grpo_mlx.sandbox import code_reward as make
 
-    return make(**{k: v for k, v in options.items() if k in ("timeout", "memory_mb", "tests_column")})
+    chosen = {k: v for k, v in options.items() if k in ("timeout", "memory_mb", "tests_column")}
+    return _needs(make(**chosen), chosen.get("tests_column", "tests"))
 
 
 BUILTIN_REWARDS: dict[str, Callable[..., RewardFn]] = {

@@ -1,13 +1,16 @@
 """Scoring a batch: each reward function called once on all completions (with a time limit),
 its result validated, outcome rewards summed with their weights, process rewards kept as steps.
 
-Functions are called with keywords only (`prompts=..., completions=..., **columns`), as TRL
-does, so a TRL function that names only `completions` and `**kwargs` works too. `None` means
+Functions are called with keywords only (`prompts=..., completions=..., **columns`, plus TRL's
+`trainer_state`, `log_metric`, `log_extra`), as TRL does, so a TRL function that names only
+`completions` and `**kwargs` works too; `async def` ones are awaited together (asyncio.gather). `None` means
 "not applicable to this completion"; it adds 0 to the weighted total (TRL's nansum).
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import math
 import numbers
 import os
@@ -19,6 +22,7 @@ import numpy as np
 
 from grpo_mlx.rewards.answers import completion_text
 from grpo_mlx.rewards.builtin import RewardFn
+from grpo_mlx.rewards.context import RewardContext, extra_logger, jsonable
 from grpo_mlx.rewards.errors import RewardFunctionError
 
 # Scoring a batch
@@ -31,6 +35,7 @@ class RewardResult:
     # process rewards: name -> per completion a list of (end offset in the text, reward) or None
     steps: dict[str, list] = field(default_factory=dict)
     step_weights: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, list] = field(default_factory=dict)  # log_extra column -> (N,) values
 
     @property
     def shown(self) -> np.ndarray:
@@ -44,6 +49,7 @@ class RewardResult:
             self.total[rows],
             {k: v[rows] for k, v in self.steps.items()},
             self.step_weights,
+            {k: v[rows] for k, v in self.extra.items()},
         )
 
     @staticmethod
@@ -54,6 +60,10 @@ class RewardResult:
             np.concatenate([p.total for p in parts]),
             {k: [s for p in parts for s in p.steps[k]] for k in first.steps},
             first.step_weights,
+            {  # a column some calls did not log is None there
+                k: [v for p in parts for v in p.extra.get(k, [None] * len(p.total))]
+                for k in dict.fromkeys(k for p in parts for k in p.extra)
+            },
         )
 
 
@@ -124,12 +134,13 @@ def _validate(name: str, values: Any, completions: list, delimiter: str = "\n"):
     return out, steps
 
 
-def _call_with_timeout(fn: RewardFn, timeout: float | None, **kwargs):
-    """Run fn in a worker thread and wait at most `timeout` seconds. A Python thread cannot be
-    killed: a hung function is abandoned (daemon thread) and reported; the run stops or skips."""
+def _call_with_timeout(fn: RewardFn, timeout: float | None, force: bool = False, /, **kwargs):
+    """Run fn in a worker thread and wait at most `timeout` seconds (`force`: in a thread even
+    without a timeout). A Python thread cannot be killed: a hung function is abandoned (daemon
+    thread) and reported; the run stops or skips."""
     if getattr(fn, "runs_in_process", False):  # its worker process keeps its own time limit
         return fn(**kwargs)
-    if not timeout:
+    if not timeout and not force:
         return fn(**kwargs)
     result: dict = {}
 
@@ -142,7 +153,7 @@ def _call_with_timeout(fn: RewardFn, timeout: float | None, **kwargs):
     worker = threading.Thread(target=target, daemon=True, name="reward-function")
     worker.start()
     worker.join(timeout)
-    if worker.is_alive():
+    if worker.is_alive():  # (join(None) waits for ever)
         raise TimeoutError(f"no result after {timeout:g} s")
     if "error" in result:
         raise result["error"]
@@ -167,6 +178,41 @@ def _from_signal(e: KeyboardInterrupt) -> bool:
     return innermost.startswith(package) and not innermost.startswith(rewards_dir)
 
 
+def _failure(name: str, e: BaseException, completions: list) -> RewardFunctionError:
+    """A function's exception as the one-sentence error the trainer handles; the user's Ctrl-C
+    (a KeyboardInterrupt from the signal handler) is re-raised instead."""
+    if isinstance(e, KeyboardInterrupt) and _from_signal(e):
+        raise e
+    text = _preview(completions, 0)
+    what = f"called sys.exit({e.code!r})" if isinstance(e, SystemExit) else f"failed: {type(e).__name__}: {e}"
+    return RewardFunctionError(f"reward function {name!r} {what} (on completion: {text[:200]!r})", name, text)
+
+
+def is_async(fn) -> bool:
+    """An `async def` function (or an object whose __call__ is one): TRL awaits these together."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
+
+
+def _await_together(calls: list[tuple[RewardFn, dict]], timeout: float | None) -> list:
+    """Run the async functions concurrently (asyncio.gather, as TRL does) on an event loop of
+    their own in a worker thread (the caller may be inside a loop already); each result is its
+    value or the exception it raised. `timeout` bounds each function and, as a last resort for
+    one that blocks its loop, the whole gather."""
+
+    async def one(fn, kwargs):
+        return await (asyncio.wait_for(fn(**kwargs), timeout) if timeout else fn(**kwargs))
+
+    async def together():
+        return await asyncio.gather(*(one(fn, kw) for fn, kw in calls), return_exceptions=True)
+
+    try:
+        return _call_with_timeout(
+            lambda: asyncio.run(together()), 2 * timeout + 1 if timeout else None, True
+        )  # in a thread
+    except TimeoutError as e:
+        return [e] * len(calls)
+
+
 def compute_rewards(
     reward_fns: list[tuple[str, RewardFn]],
     weights: list[float] | None,
@@ -174,35 +220,89 @@ def compute_rewards(
     completions: list,
     columns: dict[str, list],
     timeout: float | None = None,
+    context: RewardContext | None = None,
 ) -> RewardResult:
-    """Call each function once on the whole batch (at most `timeout` seconds each); validate;
-    weighted sum with None as 0."""
+    """Call each function once on the whole batch (at most `timeout` seconds each; the async
+    ones concurrently); validate; weighted sum with None as 0. Every function also receives
+    TRL's `trainer_state`, `log_metric` and `log_extra` (from `context`, a fresh one if None);
+    its metrics stay in the context, its extra columns come back in RewardResult.extra."""
     weights = [1.0] * len(reward_fns) if weights is None else list(weights)
     if len(weights) != len(reward_fns):
         raise ValueError(f"{len(weights)} reward weights for {len(reward_fns)} reward functions")
-    # The two names TRL passes explicitly would collide with a column of the same name.
-    columns = {k: v for k, v in columns.items() if k not in ("prompts", "completions")}
+    context = context or RewardContext()
+    # The names TRL passes explicitly would collide with a column of the same name.
+    reserved = ("prompts", "completions", "trainer_state", "log_metric", "log_extra")
+    columns = {k: v for k, v in columns.items() if k not in reserved}
+    base = dict(prompts=prompts, completions=completions, **columns, trainer_state=context.trainer_state)
+    extras = [{} for _ in reward_fns]  # per function: column -> values it logged
+    calls = [{**base, "log_metric": context.log_metric, "log_extra": extra_logger(e)} for e in extras]
+    results: list = [None] * len(reward_fns)
+    for i, (name, fn) in enumerate(reward_fns):
+        if is_async(fn):
+            continue
+        try:
+            results[i] = _call_with_timeout(fn, timeout, **calls[i])
+        except (Exception, SystemExit, KeyboardInterrupt) as e:
+            raise _failure(name, e, completions) from e
+    pending = [i for i, (_, fn) in enumerate(reward_fns) if is_async(fn)]
+    if pending:
+        for i, value in zip(pending, _await_together([(reward_fns[i][1], calls[i]) for i in pending], timeout)):
+            if isinstance(value, BaseException):
+                raise _failure(reward_fns[i][0], value, completions) from value
+            results[i] = value
+    return _combine(reward_fns, weights, results, extras, completions)
+
+
+def _combine(reward_fns, weights, results: list, extras: list[dict], completions: list) -> RewardResult:
+    """Validate each function's values (in order), sum the outcome ones with their weights."""
     per_function: dict[str, np.ndarray] = {}
     steps: dict[str, list] = {}
     step_weights: dict[str, float] = {}
+    extra: dict[str, list] = {}
     total = np.zeros(len(completions), dtype=np.float64)  # (N,)
-    for (name, fn), weight in zip(reward_fns, weights, strict=True):
+    for (name, fn), weight, values, logged in zip(reward_fns, weights, results, extras, strict=True):
         key, k = name, 2
         while key in per_function:  # the same function twice, e.g. with different options
             key, k = f"{name}_{k}", k + 1
-        try:
-            values = _call_with_timeout(fn, timeout, prompts=prompts, completions=completions, **columns)
-        except (Exception, SystemExit, KeyboardInterrupt) as e:
-            if isinstance(e, KeyboardInterrupt) and _from_signal(e):
-                raise  # the user's Ctrl-C, not the function's
-            text = _preview(completions, 0)
-            what = f"called sys.exit({e.code!r})" if isinstance(e, SystemExit) else f"failed: {type(e).__name__}: {e}"
-            raise RewardFunctionError(
-                f"reward function {name!r} {what} (on completion: {text[:200]!r})", name, text
-            ) from e
         per_function[key], fn_steps = _validate(name, values, completions, getattr(fn, "step_delimiter", "\n"))
         if fn_steps is not None:  # enters the advantages per token, not the outcome total
             steps[key], step_weights[key] = fn_steps, weight
         else:
             total += weight * np.nan_to_num(per_function[key], nan=0.0)
-    return RewardResult(per_function=per_function, total=total, steps=steps, step_weights=step_weights)
+        for column, vals in logged.items():
+            if len(vals) != len(completions):  # they must line up with the samples they describe
+                raise RewardFunctionError(
+                    f"reward function {name!r} logged {len(vals)} values of column {column!r} with log_extra "
+                    f"for {len(completions)} completions (give one value per completion)",
+                    name,
+                    _preview(completions, 0),
+                )
+            extra[column] = [jsonable(v) for v in vals]
+    return RewardResult(per_function=per_function, total=total, steps=steps, step_weights=step_weights, extra=extra)
+
+
+def score_examples(
+    reward_fns: list[tuple[str, RewardFn]],
+    examples: list[dict],
+    texts: list[str],
+    completion_ids: list[list[int]],
+    *,
+    weights: list[float] | None = None,
+    timeout: float | None = None,
+    context: RewardContext | None = None,
+) -> RewardResult:
+    """Rewards of len(texts) completions, len(texts) / len(examples) per example in order, as
+    TRL calls reward functions: prompts repeated per completion; each completion a string, or
+    [{"role": "assistant", "content": text}] when the prompt is a conversation; every other
+    column of the examples passed by name; `completion_ids` the sampled ids."""
+    group_size = len(texts) // max(len(examples), 1)
+    rows = [ex for ex in examples for _ in range(group_size)]
+    prompts = [ex["prompt"] for ex in rows]
+    completions = [
+        [{"role": "assistant", "content": text}] if isinstance(ex["prompt"], list) else text
+        for text, ex in zip(texts, rows, strict=True)
+    ]
+    skip = {"prompt", "prompt_text", "prompt_ids"}
+    columns = {k: [ex.get(k) for ex in rows] for k in (rows[0] if rows else {}) if k not in skip}
+    columns["completion_ids"] = completion_ids
+    return compute_rewards(reward_fns, weights, prompts, completions, columns, timeout=timeout, context=context)
