@@ -40,6 +40,17 @@ SKIPPED = "skipped"  # 1 on a step whose update was not applied
 REWARD_PREFIX = "rewards/"  # per reward function: rewards/<name>/mean and rewards/<name>/std
 
 
+# the families of figures the trainer writes besides the constants above
+OWN_PREFIXES = (REWARD_PREFIX, "time/", "sampling/", "clip_ratio/", "completions/", "entropy_mask/", "off_policy_mask/",
+                "vespo/")  # fmt: skip
+
+
+def is_logged_by_user(metric: str) -> bool:
+    """A figure a reward function logged with log_metric (TRL's name for it is the user's own)."""
+    own = {v for k, v in globals().items() if k.isupper() and isinstance(v, str)}
+    return metric not in own and not metric.startswith(OWN_PREFIXES)
+
+
 def reward_mean(function: str) -> str:
     return f"{REWARD_PREFIX}{function}/mean"
 

@@ -167,6 +167,7 @@ class Trainer:
         self.pad_id = pad_id(tokenizer)
         self.optimizer = make_optimizer(cfg)
         self.state = {"step": 0, "data_position": 0, "skipped_steps": 0}
+        self._saved_step = None  # the step of the last checkpoint this process wrote
         if cfg.use_adaptive_entropy:  # the controller's state, checkpointed for an exact resume
             self.state.update(entropy_coef=cfg.entropy_coef, last_entropy=None)
         # iterative GRPO / TR-DPO: the adapters the reference was last set to (None = adapters off);
@@ -355,6 +356,8 @@ class Trainer:
     def save(self, step: int) -> None:
         if not self.world.is_main:  # every rank holds the same adapters; one writes them
             return
+        if step == self._saved_step:  # the last step was a save_every step too: once is enough
+            return
         try:
             path = checkpoint.save_checkpoint(
                 self.run_dir,
@@ -371,6 +374,7 @@ class Trainer:
             raise checkpoint.CheckpointError(
                 f"cannot save the checkpoint of step {step} in {self.run_dir}: {e.strerror or e}; {kept}"
             ) from e
+        self._saved_step = step
         self.bus.emit(events.Checkpoint(step=step, path=str(path)))
 
     def run(self) -> dict:

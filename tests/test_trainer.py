@@ -252,3 +252,14 @@ def test_demo_learns(tmp_path):
     assert summary["steps"] == 200
     assert summary["accuracy_before"] <= 0.50
     assert summary["accuracy_after"] >= 0.90
+
+
+def test_a_checkpoint_is_written_once_per_step(tmp_path):
+    """iters a multiple of save_every: the last step's checkpoint is not written (and logged) twice."""
+    cfg = build_config({"adapter_path": str(tmp_path / "run"), "iters": 2, "save_every": 1, "eval_limit": 0,
+                        "batch_size": 2, "group_size": 2})  # fmt: skip
+    trainer = Trainer(cfg)
+    seen = []
+    trainer.bus.subscribe(lambda e: e["type"] == "checkpoint" and seen.append(e["step"]))
+    trainer.run()
+    assert seen == [1, 2]

@@ -258,11 +258,16 @@ def test_option_charts_appear_when_their_metric_is_logged(tmp_path):
             charts = {c.metric for c in app.screen.query(Chart)}
             assert "entropy_coef" not in charts and "sampling/sampling_logp_difference/mean" not in charts
             step = {**events[-1], "step": 4}
-            step["metrics"] = {**step["metrics"], "entropy_coef": 0.03, "sampling/sampling_logp_difference/mean": 2e-6}
+            step["metrics"] = {**step["metrics"], "entropy_coef": 0.03, "sampling/sampling_logp_difference/mean": 2e-6,
+                               "concise_correct/mean_tokens": 3.1, "time/rollout": 0.2}  # fmt: skip
             app.feed_many([step])
             await pilot.pause()
             charts = {c.metric for c in app.screen.query(Chart)}
             assert {"entropy_coef", "sampling/sampling_logp_difference/mean"} <= charts
+            assert "concise_correct/mean_tokens" in charts, "what a reward function logs (log_metric) is charted"
+            titles = {c.metric: c.title for c in app.screen.query(Chart)}
+            assert titles["concise_correct/mean_tokens"] == "logged: concise_correct/mean_tokens"
+            assert "time/rollout" not in charts
             assert "entropy_mask/kept_mean" not in charts  # only what the run logs
 
     run(go())

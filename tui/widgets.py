@@ -39,6 +39,7 @@ OPTION_CHARTS = [
     (M.SAMPLING_LOGP_DIFF, "sampler/trainer log-prob gap"),
     (M.IS_RATIO_MEAN, "mismatch weight (mean)"),
 ]
+USER_CHARTS = 8  # at most this many charts of what reward functions log (log_metric)
 CHART_MIN_WIDTH = 36  # cells; the grid shows as many columns as fit
 LABEL_WIDTH = 10  # y-axis labels: compact() numbers are at most 9 characters
 
@@ -134,7 +135,8 @@ class ChartGrid(Grid):
             else:
                 after = self.query_one(f"#{chart_id(metric)}", Chart)
         logged = state.series
-        for metric, title in OPTION_CHARTS:
+        user = [m for m in logged if M.is_logged_by_user(m)][:USER_CHARTS]
+        for metric, title in [*OPTION_CHARTS, *((m, f"logged: {m}") for m in user)]:
             if metric in logged and not self.query(f"#{chart_id(metric)}"):
                 self.mount(Chart(metric, title, id=chart_id(metric)))
         for chart in self.query(Chart):
@@ -145,7 +147,7 @@ class ChartGrid(Grid):
 
 
 def chart_id(metric: str) -> str:
-    return "chart-" + "".join(c if c.isalnum() else "-" for c in metric)
+    return "chart-" + "".join(c if c.isascii() and c.isalnum() else "-" for c in metric)  # a valid widget id
 
 
 class ProgressPanel(Static):
