@@ -34,6 +34,11 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self.synonyms: list[tuple[str, str, str]] = []  # (synonym dest, canonical dest, synonym flag)
 
+    def error(self, message: str):
+        """One short usage line and the sentence, not argparse's full list of every flag (train
+        has a hundred; `--help` shows them grouped)."""
+        self.exit(2, f"usage: {self.prog} [options]  (see {self.prog} --help)\n{self.prog}: error: {message}\n")
+
     def add_synonym(self, flag: str, canonical: str, group=None) -> None:
         """`flag` as a hidden second spelling of the existing option `canonical`."""
         action = self._option_string_actions[canonical]

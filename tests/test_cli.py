@@ -254,3 +254,16 @@ def test_first_ctrl_c_after_training_started_waits_for_the_step():
     with cli.graceful_stop(control, started=control.training.is_set):
         os.kill(os.getpid(), signal.SIGINT)
     assert control.stop.is_set()
+
+
+def test_a_wrong_flag_gets_one_short_usage_line_not_every_flag(capsys):
+    from grpo_mlx.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--num-generatons", "4"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.splitlines() == [
+        "usage: grpo-mlx train [options]  (see grpo-mlx train --help)",
+        "grpo-mlx train: error: unknown option --num-generatons (did you mean --num-generations?)",
+    ]
