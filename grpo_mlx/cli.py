@@ -39,7 +39,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         elif "list" in kind:
             parser.add_argument(flag, nargs="+", default=None, help=help_text, metavar="VALUE")
         else:
-            metavar = "N" if "int" in kind else "X" if "float" in kind else "TEXT"
+            metavar = "N" if "int" in kind else "X" if "float" in kind else "JSON" if "dict" in kind else "TEXT"
             parser.add_argument(flag, default=None, help=help_text, metavar=metavar)
     parser.add_argument("--debug", action="store_true", help="Show Python tracebacks on errors.")
 
@@ -62,6 +62,12 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     train = sub.add_parser("train", help="Train adapters with GRPO (headless, with a progress bar).")
     add_config_flags(train)
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="Load config, rewards, data and tokenizer; show the first rendered prompts and the rewards "
+        "of a sample completion; train nothing, write nothing.",
+    )
     train.set_defaults(func=cmd_train)
     found = entry_points(group=COMMAND_GROUP)
     rank = {name: i for i, name in enumerate(COMMAND_ORDER)}
@@ -171,6 +177,10 @@ class ProgressPrinter:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    if getattr(args, "dry_run", False):
+        from grpo_mlx.dryrun import dry_run
+
+        return dry_run(cfg, sys.stdout)
     from grpo_mlx.blas import use_system_blas
 
     use_system_blas()
@@ -236,7 +246,7 @@ def _refuse_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace, u
     """argparse says only "unrecognized arguments"; name the closest valid flag too."""
     import difflib
 
-    flags = ["--" + name.replace("_", "-") for name in FIELDS] + ["--config", "--debug"]
+    flags = ["--" + name.replace("_", "-") for name in FIELDS] + ["--config", "--debug", "--dry-run"]
     for arg in unknown:
         if arg.startswith("--"):
             match = difflib.get_close_matches(arg.split("=")[0], flags, n=1, cutoff=0.6)
