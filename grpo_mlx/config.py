@@ -52,8 +52,8 @@ class TrainConfig:
     )
     data: str | None = _f(
         None,
-        "Data: a directory with train/valid/test.jsonl, a .jsonl file, or a Hugging Face dataset id. "
-        "Default: the demo task.",
+        "Data: a directory with train/valid/test .jsonl or .parquet (shards too), one .jsonl/.parquet file, "
+        "or a Hugging Face dataset id. Default: the demo task.",
     )
     data_config: str | None = _f(
         None, "Config of a multi-config dataset (e.g. main or socratic of openai/gsm8k): its {config}/ files."
