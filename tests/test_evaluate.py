@@ -221,3 +221,24 @@ def test_k_far_beyond_memory_is_refused_and_batches_shrink_to_fit():
         plan_batch(1_000_000, 16, per_sample=10**6, available=10**11, k_text="1000000")
     assert plan_batch(1000, 16, per_sample=10**6, available=10**10, k_text="1000") == 5  # 5 GB budget / 1 GB a prompt
     assert plan_batch(4, 16, per_sample=10**3, available=10**10, k_text="4") == 16
+
+
+def test_eval_renders_prompts_as_the_run_did(tmp_path):
+    """chat_template_kwargs, ignore_chat_template and data_config default to the run's."""
+    from grpo_mlx.config import ConfigError
+    from grpo_mlx.evaluate import resolve_settings
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "adapter_config.json").write_text(json.dumps({"model": "some/model"}))
+    saved = {"max_completion_length": 64, "data": "openai/gsm8k", "data_config": "main",
+             "chat_template_kwargs": {"enable_thinking": False}, "ignore_chat_template": False}  # fmt: skip
+    (run / "config.json").write_text(json.dumps(saved))
+    settings = resolve_settings(eval_args("--adapter-path", str(run)))
+    assert settings["chat_template_kwargs"] == {"enable_thinking": False} and settings["data_config"] == "main"
+    settings = resolve_settings(
+        eval_args("--adapter-path", str(run), "--chat-template-kwargs", "{}", "--ignore-chat-template")
+    )
+    assert settings["chat_template_kwargs"] == {} and settings["ignore_chat_template"] is True
+    with pytest.raises(ConfigError, match="'chat_template_kwargs': not valid JSON"):
+        resolve_settings(eval_args("--chat-template-kwargs", "{x}"))
