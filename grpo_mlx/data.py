@@ -311,16 +311,17 @@ def pick_split_files(filenames: list[str], split: str, where: str = "the dataset
     return by_config.get("default") or next(iter(by_config.values()), [])
 
 
-def hub_unreachable(repo_id: str) -> str | None:
-    """Why the Hub cannot be asked about `repo_id` right now (offline mode, no connection), or
-    None. One request without retries, so that offline costs a second, not half a minute."""
+def hub_unreachable(repo_id: str, kind: str = "datasets") -> str | None:
+    """Why the Hub cannot be asked about `repo_id` (of `kind` datasets or models) right now
+    (offline mode, no connection), or None. One request without retries, so that offline costs
+    a second, not half a minute."""
     import huggingface_hub
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
     try:
-        huggingface_hub.get_session().head(f"{constants.ENDPOINT}/api/datasets/{repo_id}", timeout=5)
+        huggingface_hub.get_session().head(f"{constants.ENDPOINT}/api/{kind}/{repo_id}", timeout=5)
     except Exception as error:  # httpx's connect / timeout errors: no answer at all
         return f"cannot reach {constants.ENDPOINT} ({type(error).__name__})"
     return None

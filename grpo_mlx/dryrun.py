@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TextIO
 
 from grpo_mlx import data, prompts, rewards
@@ -42,8 +43,20 @@ def load_tokenizer(model: str):
     """The model's tokenizer only (tokenizer files, no weights), as mlx_lm.load would give it."""
     from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
 
+    where = model
+    if not Path(model).expanduser().exists():
+        offline = data.hub_unreachable(model, "models")
+        if offline:  # the cache, or one sentence now instead of huggingface_hub's retries
+            import huggingface_hub
+
+            try:
+                where = huggingface_hub.snapshot_download(model, local_files_only=True, allow_patterns=["*.json"])
+            except Exception:
+                raise DryRunError(
+                    f"model '{model}': the Hub is unreachable ({offline}) and its tokenizer is not in the local cache"
+                ) from None
     try:
-        return mlx_load_tokenizer(model)
+        return mlx_load_tokenizer(where)
     except Exception as error:  # a missing directory, no tokenizer files, the Hub unreachable
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise DryRunError(f"cannot load the tokenizer of '{model}': {type(error).__name__}: {first}") from None

@@ -59,3 +59,20 @@ def test_a_model_without_a_template_is_noted(tmp_path, monkeypatch, capsys):
     assert code == 0 and "chat template: no (plain text)" in out
     assert f"note: {model} has no chat template: prompts are used as plain text" in out
     assert f"tokens) ---\n{QUESTION}\n--- end" in out
+
+
+def test_an_unreachable_hub_model_fails_at_once_in_one_sentence(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    data = gsm8k_like(tmp_path)
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    command = [sys.executable, "-m", "grpo_mlx", "train", "--dry-run", "--model", "owner/model", "--data", data,
+               "--prompt-key", "question"]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr and "Retrying" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "grpo-mlx: error: model 'owner/model': the Hub is unreachable (cannot reach http://127.0.0.1:9 "
+        "(ConnectError)) and its tokenizer is not in the local cache"
+    )

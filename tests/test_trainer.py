@@ -252,3 +252,17 @@ def test_demo_learns(tmp_path):
     assert summary["steps"] == 200
     assert summary["accuracy_before"] <= 0.50
     assert summary["accuracy_after"] >= 0.90
+
+
+def test_prompt_options_reach_the_trainer_and_its_notes_the_run_log_once(tmp_path):
+    seen = []
+    bus = EventBus()
+    bus.subscribe(seen.append)
+    trainer = Trainer(small_config(tmp_path, ignore_chat_template=True), bus)
+    trainer.setup()
+    assert trainer.train_examples[0]["prompt_text"] == trainer.train_examples[0]["prompt"]  # no template "="
+    notes = [e["text"] for e in seen if e["type"] == "message" and "--ignore-chat-template" in e["text"]]
+    assert len(notes) == 1
+    plain = Trainer(small_config(tmp_path / "b"))
+    plain.setup()
+    assert plain.train_examples[0]["prompt_text"] == plain.train_examples[0]["prompt"] + "="
