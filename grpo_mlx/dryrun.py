@@ -45,7 +45,9 @@ def load_tokenizer(model: str):
 
     where = model
     if not Path(model).expanduser().exists():
-        offline = data.hub_unreachable(model, "models")
+        from grpo_mlx.hub_datasets import hub_unreachable
+
+        offline = hub_unreachable(model, "models")
         if offline:  # the cache, or one sentence now instead of huggingface_hub's retries
             import huggingface_hub
 
