@@ -245,6 +245,21 @@ def load_split(
     return examples
 
 
+def held_out_examples(cfg) -> tuple[list[dict], str | None]:
+    """The held-out examples a run scores (its eval_split, else valid, else test; at most
+    eval_limit of them) and the split they came from."""
+    if cfg.eval_limit <= 0:
+        return [], None
+    for split in dict.fromkeys([cfg.eval_split, "valid", "test"]):
+        found = load_split(
+            cfg.data, split, prompt_key=cfg.prompt_key, answer_key=cfg.answer_key, required=False,
+            config=cfg.data_config,
+        )  # fmt: skip
+        if found:
+            return found[: cfg.eval_limit], split
+    return [], None
+
+
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 

@@ -64,20 +64,6 @@ def load_tokenizer(model: str):
         raise DryRunError(f"cannot load the tokenizer of '{model}': {type(error).__name__}: {first}") from None
 
 
-def held_out_examples(cfg: TrainConfig) -> tuple[list[dict], str | None]:
-    """The held-out examples the run would score, by the trainer's order of splits."""
-    if cfg.eval_limit <= 0:
-        return [], None
-    for split in dict.fromkeys([cfg.eval_split, "valid", "test"]):
-        found = data.load_split(
-            cfg.data, split, prompt_key=cfg.prompt_key, answer_key=cfg.answer_key, required=False,
-            config=cfg.data_config,
-        )  # fmt: skip
-        if found:
-            return found[: cfg.eval_limit], split
-    return [], None
-
-
 def prepare(cfg: TrainConfig) -> DryRun:
     from grpo_mlx.blas import use_system_blas
 
@@ -86,7 +72,7 @@ def prepare(cfg: TrainConfig) -> DryRun:
     train = data.load_split(
         cfg.data, "train", prompt_key=cfg.prompt_key, answer_key=cfg.answer_key, config=cfg.data_config
     )
-    held, split = held_out_examples(cfg)
+    held, split = data.held_out_examples(cfg)
     model = cfg.model or DEMO_MODEL
     tokenizer = load_tokenizer(model)
     options = prompts.options(cfg)

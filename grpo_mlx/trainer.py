@@ -94,16 +94,7 @@ class Trainer:
         self.train_examples = data.load_split(
             cfg.data, "train", prompt_key=cfg.prompt_key, answer_key=cfg.answer_key, config=cfg.data_config
         )
-        self.eval_examples = []
-        if cfg.eval_limit > 0:
-            for split in dict.fromkeys([cfg.eval_split, "valid", "test"]):
-                found = data.load_split(
-                    cfg.data, split, prompt_key=cfg.prompt_key, answer_key=cfg.answer_key, required=False,
-                    config=cfg.data_config,
-                )  # fmt: skip
-                if found:
-                    self.eval_examples = found[: cfg.eval_limit]
-                    break
+        self.eval_examples, _ = data.held_out_examples(cfg)
         self.world = World()  # one process unless started by mlx.launch
         self._check_ranks()
         mx.random.seed(cfg.seed)
