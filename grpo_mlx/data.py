@@ -222,6 +222,7 @@ def load_split(
                 f"and data/{split}-*.parquet shards); the directory has: {', '.join(present)}"
             )
         rows = [row for name in files for row in read_rows(path / name)]
+        path = path / files[0] if len(files) == 1 else path  # name the empty file itself
     elif path.is_file():
         if split != "train":  # one file is the training data, never silently also the test set
             if required:

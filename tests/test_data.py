@@ -119,7 +119,7 @@ def test_non_utf8_bytes_name_the_line(tmp_path):
 
 def test_empty_file_is_an_error_when_required(tmp_path):
     (tmp_path / "train.jsonl").write_text("\n\n", encoding="utf-8")
-    assert "no examples" in error_of(load_split, str(tmp_path), "train")
+    assert f"{tmp_path / 'train.jsonl'}: no examples" in error_of(load_split, str(tmp_path), "train")
     assert load_split(str(tmp_path), "train", required=False) == []
 
 
