@@ -599,9 +599,9 @@ def bench(s: dict, sections: set) -> dict:
 
     def make_prompts(B):
         if s["is_demo"]:
-            from grpo_mlx import data
+            from grpo_mlx import data, prompts
 
-            examples = data.prepare_examples(data.load_split(DEMO_DATA, "train")[:B], tokenizer)
+            examples = prompts.prepare_examples(data.load_split(DEMO_DATA, "train")[:B], tokenizer)
             return [ex["prompt_ids"] for ex in examples], [ex["answer"] for ex in examples]
         rng = random.Random(0)
         top = min(shape["vocab"], 1000)

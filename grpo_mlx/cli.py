@@ -125,7 +125,7 @@ def _add_field_flag(group, f: dataclasses.Field) -> None:
     elif "list" in kind:
         group.add_argument(flag, nargs="+", default=None, help=help_text, metavar="VALUE")
     else:
-        metavar = "N" if "int" in kind else "X" if "float" in kind else "TEXT"
+        metavar = "N" if "int" in kind else "X" if "float" in kind else "JSON" if "dict" in kind else "TEXT"
         group.add_argument(flag, default=None, help=help_text, metavar=metavar)
 
 
@@ -148,6 +148,12 @@ def make_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="Train adapters with GRPO (headless, with a progress bar).")
     train.is_subcommand = True
     add_config_flags(train)
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="Load config, rewards, data and tokenizer; show the first rendered prompts and the rewards "
+        "of a sample completion; train nothing, write nothing.",
+    )
     train.set_defaults(func=cmd_train)
     found = entry_points(group=COMMAND_GROUP)
     rank = {name: i for i, name in enumerate(COMMAND_ORDER)}
@@ -258,6 +264,10 @@ class ProgressPrinter:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    if getattr(args, "dry_run", False):
+        from grpo_mlx.dryrun import dry_run
+
+        return dry_run(cfg, sys.stdout)
     from grpo_mlx.blas import use_system_blas
 
     use_system_blas()

@@ -58,12 +58,29 @@ class TrainConfig:
     )
     data: str | None = _f(
         None,
-        "Data: a directory with train/valid/test.jsonl, a .jsonl file, or a Hugging Face dataset id. "
-        "Default: the demo task.",
+        "Data: a directory with train/valid/test .jsonl or .parquet (shards too), one .jsonl/.parquet file, "
+        "or a Hugging Face dataset id. Default: the demo task.",
+    )
+    data_config: str | None = _f(
+        None, "Config of a multi-config dataset (e.g. main or socratic of openai/gsm8k): its {config}/ files."
     )
     prompt_key: str = _f("prompt", "Column that holds the prompt (a string or a list of chat messages).")
-    answer_key: str = _f("answer", "Column that holds the reference answer (passed to rewards as `answer`).")
+    answer_key: str = _f(
+        "answer",
+        "Column that holds the reference answer: built-in rewards read it as `answer`; your functions get "
+        "it under its own name too.",
+    )
     system_prompt: str | None = _f(None, "System prompt prepended to every prompt.")
+    chat_template_kwargs: dict | None = _f(
+        None,
+        "Extra arguments for the chat template, e.g. '{\"enable_thinking\": false}' (a mapping in YAML). "
+        "Default: the template's own defaults.",
+    )
+    ignore_chat_template: bool = _f(
+        False,
+        "Use string prompts as they are, without the chat template (base models, R1-Zero-style prompts); "
+        "conversations still get it.",
+    )
     max_prompt_length: int | None = _f(None, "Refuse prompts longer than this many tokens (default: no limit).")
     adapter_path: str | None = _f(
         None, "Run directory: adapters, checkpoints, metrics.jsonl, samples.jsonl. Default: runs/<timestamp>."
@@ -584,6 +601,8 @@ def coerce(name: str, value: Any, source: str | None = None) -> Any:
             f"{where}'push_to_hub': takes the repo id (owner/name), not {value}; TRL's push_to_hub: true with "
             "hub_model_id: X is push_to_hub: X here"
         )
+    if "dict" in annotation:
+        return _coerce_mapping(name, value, where)
     if "list" not in annotation and isinstance(value, (list, tuple, dict)):
         raise ConfigError(f"{where}'{name}': expected one value, got {type(value).__name__} {value!r:.60}")
     try:
@@ -595,6 +614,20 @@ def coerce(name: str, value: Any, source: str | None = None) -> Any:
     except (TypeError, ValueError):
         kind = annotation.replace(" | None", "")
         raise ConfigError(f"{where}'{name}': expected {kind}, got {value!r}") from None
+
+
+def _coerce_mapping(name: str, value: Any, where: str) -> dict:
+    """A mapping from YAML, or a JSON object from the command line ('{"enable_thinking": false}')."""
+    if isinstance(value, str):
+        import json
+
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise ConfigError(f"{where}'{name}': not valid JSON ({e}); write it as '{{\"key\": value}}'") from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(f"{where}'{name}': expected a mapping of names to values, got {value!r:.60}")
+    return dict(value)
 
 
 def _coerce_list(name: str, value: Any, where: str) -> list:

@@ -1,15 +1,19 @@
-"""Datasets and prompt formatting: rows on disk or on the Hub -> examples -> prompt token ids.
+"""Datasets: rows on disk or on the Hub -> examples {prompt, answer, other columns}.
 
 Choices, stated once:
-- A split is a JSONL file: `{data}/{split}.jsonl`, or `data` itself when it is one `.jsonl`
-  file (then it is the train split only). A `data` that is no local path is a Hub dataset id.
-- Every example is the row with the user's columns renamed onto `prompt` and `answer`; all
-  other columns stay as they are, since reward functions receive them as keyword arguments.
+- A split's files are found by the Hub's layouts, on the Hub and in a local directory alike:
+  `{split}.jsonl`, `data/{split}-*.jsonl` shards, `{split}.json`, `{split}.parquet`,
+  `data/{split}-*.parquet` shards, or `{config}/{split}-*.parquet` for one config of a
+  multi-config dataset (--data-config). One file (.jsonl, .json, .parquet) is the train split
+  only. A `data` that is no local path is a Hub dataset id.
+- Every example is the row with the user's columns copied onto `prompt` and `answer`; the
+  original columns stay too, since reward functions receive every column by its own name.
 - The answer column is optional for a whole file but not per row: if any row has it, every
   row must (a row silently lacking its key would score as wrong). Without it, `answer` is None;
   a non-default --answer-key that no row has is an error (a typo, not a choice).
 - Errors name `file:line` (1-based; `file:row N` for JSON lists and parquet) and the key.
-- Prompts are never truncated: a prompt over the limit is an error, not a silently cut task.
+- Hub datasets (listing, the cache offline, downloads) are grpo_mlx.hub_datasets; rendering
+  prompts into token ids is grpo_mlx.prompts.
 
 This module must import fast (the TUI imports it), so no mlx / mlx_lm / huggingface_hub here
 at module level.
@@ -66,10 +70,7 @@ def read_jsonl(path: Path) -> list[tuple[str, dict]]:
 def read_rows(path: Path) -> list[tuple[str, dict]]:
     """Rows of a .jsonl, .json (JSON lines or one JSON list) or .parquet file."""
     if path.suffix == ".parquet":
-        require_pyarrow(path)
-        import pyarrow.parquet as pq
-
-        return [(f"{path}:row {i}", row) for i, row in enumerate(pq.read_table(path).to_pylist(), start=1)]
+        return read_parquet(path)
     if path.suffix == ".json":
         try:
             whole = json.loads(path.read_text(encoding="utf-8"))
@@ -81,6 +82,23 @@ def read_rows(path: Path) -> list[tuple[str, dict]]:
                     raise DataError(f"{path}:row {i}: expected a JSON object, got {type(row).__name__}")
             return [(f"{path}:row {i}", row) for i, row in enumerate(whole, start=1)]
     return read_jsonl(path)
+
+
+def read_parquet(path: Path) -> list[tuple[str, dict]]:
+    """Rows of a parquet file, read a record batch at a time (a Hub shard can be gigabytes of
+    columns; one batch of Python dicts at a time keeps the peak near the rows themselves)."""
+    require_pyarrow(path)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            rows += [(f"{path}:row {len(rows) + i}", row) for i, row in enumerate(batch.to_pylist(), start=1)]
+    except (pa.ArrowException, OSError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"{path}: not a readable parquet file ({first})") from None
+    return rows
 
 
 def require_pyarrow(path) -> None:
@@ -163,14 +181,14 @@ def to_examples(rows: list[tuple[str, dict]], prompt_key: str, answer_key: str) 
         check_prompt(row[prompt_key], where, prompt_key)
         if answer_key in row:
             check_answer(row[answer_key], where, answer_key)
-        example = dict(row)
+        example = dict(row)  # the original columns stay: reward functions ask for them by name
         for key, target in ((prompt_key, "prompt"), (answer_key, "answer")):
             if key != target and key in example:
-                if target in example:  # renaming would silently drop the row's own column
+                if target in example:  # mapping would silently replace the row's own column
                     raise DataError(
                         f"{where}: has both '{key}' and '{target}'; '{key}' cannot be mapped onto '{target}'"
                     )
-                example[target] = example.pop(key)
+                example[target] = example[key]
         example.setdefault("answer", None)
         examples.append(example)
     return examples
@@ -180,46 +198,117 @@ def to_examples(rows: list[tuple[str, dict]], prompt_key: str, answer_key: str) 
 
 
 def load_split(
-    data: str, split: str, *, prompt_key: str = "prompt", answer_key: str = "answer", required: bool = True
+    data: str,
+    split: str,
+    *,
+    prompt_key: str = "prompt",
+    answer_key: str = "answer",
+    required: bool = True,
+    config: str | None = None,
 ) -> list[dict]:
-    """Examples of one split (train / valid / test) from a directory, a .jsonl file or the Hub.
+    """Examples of one split (train / valid / test) from a directory, one file or the Hub.
 
-    Returns [] for an absent split when not required."""
+    `config`: one config of a multi-config dataset. Returns [] for an absent split when not required."""
     path = Path(data).expanduser()
     if path.is_dir():
-        path = path / f"{split}.jsonl"
-        if not path.is_file():
+        listing = [p.relative_to(path).as_posix() for p in sorted(path.rglob("*")) if p.is_file()]
+        files = split_files(listing, split, config, where=str(path))
+        if not files:
             if not required:
                 return []
-            present = sorted(p.name for p in path.parent.iterdir()) or ["nothing"]
-            raise DataError(f"{path}: no {split} split; the directory has: {', '.join(present)}")
+            present = sorted(p.name for p in path.iterdir()) or ["nothing"]
+            raise DataError(
+                f"{path}: no {split} split (looked for {split}.jsonl, {split}.json, {split}.parquet "
+                f"and data/{split}-*.parquet shards); the directory has: {', '.join(present)}"
+            )
+        rows = [row for name in files for row in read_rows(path / name)]
+        path = path / files[0] if len(files) == 1 else path  # name the empty file itself
     elif path.is_file():
         if split != "train":  # one file is the training data, never silently also the test set
             if required:
                 raise DataError(
                     f"{path}: a single file is the train split only; for a {split} "
-                    f"split pass a directory with {split}.jsonl"
+                    f"split pass a directory with {split}.jsonl or {split}.parquet"
                 )
             return []
+        rows = read_rows(path)
     elif HUB_ID.match(data) and path.suffix not in (".jsonl", ".json", ".parquet"):
-        return load_hub_dataset(data, split, prompt_key=prompt_key, answer_key=answer_key, required=required)
+        from grpo_mlx.hub_datasets import load_hub_dataset
+
+        return load_hub_dataset(
+            data, split, prompt_key=prompt_key, answer_key=answer_key, required=required, config=config
+        )
     else:
-        raise DataError(f"{data}: no such file or directory (nor a Hub dataset id owner/name)")
-    examples = to_examples(read_rows(path), prompt_key, answer_key)
+        raise DataError(f"{data}: no such file or directory (nor a Hugging Face dataset id owner/name)")
+    examples = to_examples(rows, prompt_key, answer_key)
     if not examples and required:
-        raise DataError(f"{path}: no examples (the file is empty)")
+        raise DataError(f"{path}: no examples (the {split} split is empty)")
     return examples
 
 
-def pick_split_files(filenames: list[str], split: str) -> list[str]:
-    """The files of a Hub dataset repo that hold `split`, by the common layouts, in order.
+def held_out_examples(cfg) -> tuple[list[dict], str | None]:
+    """The held-out examples a run scores (its eval_split, else valid, else test; at most
+    eval_limit of them) and the split they came from."""
+    if cfg.eval_limit <= 0:
+        return [], None
+    for split in dict.fromkeys([cfg.eval_split, "valid", "test"]):
+        found = load_split(
+            cfg.data, split, prompt_key=cfg.prompt_key, answer_key=cfg.answer_key, required=False,
+            config=cfg.data_config,
+        )  # fmt: skip
+        if found:
+            return found[: cfg.eval_limit], split
+    return [], None
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def configs_of(filenames: list[str]) -> list[str]:
+    """The config names a dataset's layout shows: folders holding data files (`main/...`,
+    `data/main/...`), the Hub's own `data/` folder aside."""
+    found = set()
+    for f in filenames:
+        parts = f.split("/")
+        if f.endswith(DATA_SUFFIXES) and len(parts) >= 2:
+            folders = [p for p in parts[:-1] if p != "data"]
+            if folders:
+                found.add(folders[0])
+    return sorted(found)
+
+
+def split_files(filenames: list[str], split: str, config: str | None, where: str) -> list[str]:
+    """The files holding `split` (the Hub's "validation" for "valid"), within one config."""
+    if config is not None:
+        inside = {}
+        for f in filenames:
+            parts = f.split("/")
+            if config in parts[:-1]:
+                inside["/".join(parts[parts.index(config) + 1 :])] = f
+        if not inside and config != "default":
+            shown = ", ".join(configs_of(filenames)) or "none (one config only: leave --data-config out)"
+            raise DataError(f"{where}: no config '{config}' (--data-config); the configs there: {shown}")
+        if inside:
+            filenames = list(inside)
+        mapping = inside or {f: f for f in filenames}
+    else:
+        mapping = {f: f for f in filenames}
+    for name in HUB_SPLIT_NAMES.get(split, [split]):
+        found = pick_split_files(filenames, name, where)
+        if found:
+            return [mapping[f] for f in found]
+    return []
+
+
+def pick_split_files(filenames: list[str], split: str, where: str = "the dataset") -> list[str]:
+    """The files of a dataset that hold `split`, by the common layouts, in order.
 
     The first layout that matches wins; shards of one layout come back sorted."""
     layouts = [
         [f"{split}.jsonl", f"data/{split}.jsonl"],
         [f"data/{split}-*.jsonl", f"{split}-*.jsonl"],
         [f"{split}.json", f"data/{split}.json"],
-        [f"{split}.parquet", f"data/{split}.parquet", f"data/{split}-*.parquet"],
+        [f"{split}.parquet", f"data/{split}.parquet", f"data/{split}-*.parquet", f"{split}-*.parquet"],
     ]
     for patterns in layouts:
         found = sorted(f for f in filenames if any(fnmatch.fnmatch(f, p) for p in patterns))
@@ -233,109 +322,13 @@ def pick_split_files(filenames: list[str], split: str) -> list[str]:
             by_config.setdefault(parts[0], []).append(f)
     if len(by_config) > 1 and "default" not in by_config:
         raise DataError(
-            f"the {split} split exists in several configs ({', '.join(by_config)}); "
-            f"download one and pass its files as a local --data directory"
+            f"{where}: the {split} split exists in several configs ({', '.join(by_config)}); "
+            f"pick one with --data-config {next(iter(by_config))}"
         )
     return by_config.get("default") or next(iter(by_config.values()), [])
 
 
-def load_hub_dataset(
-    repo_id: str, split: str, *, prompt_key: str = "prompt", answer_key: str = "answer", required: bool = True
-) -> list[dict]:
-    """Examples of one split of a Hugging Face Hub dataset (downloaded into the HF cache)."""
-    import huggingface_hub
-
-    hint = (
-        "offline? Set HF_HUB_OFFLINE=1 to use the cache only, or pass a local --data "
-        "directory; private? run `hf auth login`"
-    )
-    try:
-        filenames = huggingface_hub.HfApi().list_repo_files(repo_id, repo_type="dataset")
-    except Exception as error:
-        # Listing needs the network; a dataset downloaded before still loads from the cache.
-        try:
-            cached = Path(huggingface_hub.snapshot_download(repo_id, repo_type="dataset", local_files_only=True))
-            filenames = [p.relative_to(cached).as_posix() for p in cached.rglob("*") if p.is_file()]
-        except Exception:
-            raise DataError(
-                f"Hub dataset '{repo_id}' (no local path of that name either): {type(error).__name__}: {error}; {hint}"
-            ) from None
-    files: list[str] = []
-    for name in HUB_SPLIT_NAMES.get(split, [split]):
-        files = pick_split_files(filenames, name)
-        if files:
-            break
-    if not files:
-        if not required:
-            return []
-        shown = ", ".join(sorted(filenames)[:20]) + (" ..." if len(filenames) > 20 else "")
-        raise DataError(
-            f"Hub dataset '{repo_id}': no files for the {split} split "
-            f"(looked for {split}.jsonl, data/{split}-*.jsonl, {split}.json, "
-            f"parquet); the repo has: {shown}"
-        )
-    if any(f.endswith(".parquet") for f in files):
-        require_pyarrow(f"{repo_id}/{files[0]}")  # before downloading gigabytes we cannot read
-    rows = []
-    for filename in files:
-        try:
-            local = huggingface_hub.hf_hub_download(repo_id, filename, repo_type="dataset")
-        except Exception as error:
-            raise DataError(
-                f"Hub dataset '{repo_id}': downloading {filename} failed: {type(error).__name__}: {error}; {hint}"
-            ) from None
-        rows += read_rows(Path(local))
-    examples = to_examples(rows, prompt_key, answer_key)
-    if not examples and required:
-        raise DataError(f"Hub dataset '{repo_id}': the {split} split has no examples")
-    return examples
-
-
-# ---------------------------------------------------------------- prompts -> token ids
-
-
-def has_chat_template(tokenizer) -> bool:
-    # mlx-lm's TokenizerWrapper knows of templates the HF tokenizer lacks (custom renderers).
-    return bool(getattr(tokenizer, "has_chat_template", False) or getattr(tokenizer, "chat_template", None))
-
-
-def format_prompt(tokenizer, prompt, system_prompt: str | None = None) -> str:
-    """The model's input text for a prompt (a string or a list of chat messages).
-
-    With a chat template: the template with the generation prompt appended; a string prompt is
-    one user message, and `system_prompt` is prepended unless a system message is there.
-    Without one (base models): the system texts, a blank line, then the other messages'
-    contents joined by newlines; a plain string prompt is used as it is."""
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    if system_prompt and not any(m["role"] == "system" for m in messages):
-        messages = [{"role": "system", "content": system_prompt}] + messages
-    if has_chat_template(tokenizer):
-        try:
-            return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception:
-            # Some templates (e.g. Gemma 2) reject the system role: fold it into the first
-            # user turn, which is what those models' authors recommend.
-            if messages[0]["role"] != "system" or len(messages) < 2:
-                raise
-            system, first, *rest = messages
-            merged = {**first, "content": system["content"] + "\n\n" + first["content"]}
-            return tokenizer.apply_chat_template([merged, *rest], add_generation_prompt=True, tokenize=False)
-    system = "\n".join(m["content"] for m in messages if m["role"] == "system")
-    body = "\n".join(m["content"] for m in messages if m["role"] != "system")
-    return f"{system}\n\n{body}" if system else body
-
-
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Token ids of a formatted prompt, with exactly one BOS where the tokenizer uses one."""
-    bos = getattr(tokenizer, "bos_token", None)
-    # Chat templates usually write the BOS text themselves; adding it again doubles it.
-    add_special = not (bos and text.startswith(bos))
-    ids = list(tokenizer.encode(text, add_special_tokens=add_special))
-    eos = getattr(tokenizer, "eos_token", None)
-    eos_id = getattr(tokenizer, "eos_token_id", None)
-    if add_special and ids and eos_id is not None and ids[-1] == eos_id and not (eos and text.endswith(eos)):
-        ids.pop()  # tokenizers that append EOS would end the prompt before the answer starts
-    return ids
+# ---------------------------------------------------------------- token ids
 
 
 def check_token_ids(examples: list[dict], vocab_size: int | None, tokenizer=None, source: str = "data") -> None:
@@ -357,22 +350,3 @@ def check_token_ids(examples: list[dict], vocab_size: int | None, tokenizer=None
                 f"{source}: example {index} (0-based) has token id {bad[0]}, outside the model's "
                 f"vocabulary of {vocab_size} tokens; the tokenizer does not belong to this model"
             )
-
-
-def prepare_examples(
-    examples: list[dict], tokenizer, system_prompt: str | None = None, max_prompt_length: int | None = None
-) -> list[dict]:
-    """New examples with `prompt_text` and `prompt_ids` added."""
-    prepared = []
-    for index, example in enumerate(examples):
-        text = format_prompt(tokenizer, example["prompt"], system_prompt)
-        ids = encode_prompt(tokenizer, text)
-        if max_prompt_length is not None and len(ids) > max_prompt_length:
-            raise DataError(
-                f"example {index} (0-based): prompt is {len(ids)} tokens, over "
-                f"max_prompt_length {max_prompt_length}; shorten it or raise "
-                f"--max-prompt-length (prompts are never truncated): "
-                f"{text[:60]!r}..."
-            )
-        prepared.append({**example, "prompt_text": text, "prompt_ids": ids})
-    return prepared

@@ -434,6 +434,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--prompt-key", default=None, help="Prompt column. Default: the run's, else prompt.")
     parser.add_argument("--answer-key", default=None, help="Answer column. Default: the run's, else answer.")
+    add_prompt_arguments(parser)
     parser.add_argument(
         "--json",
         metavar="PATH",
@@ -441,6 +442,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "as JSON to PATH (- for stdout, instead of the table).",
     )
     parser.add_argument("--debug", action="store_true", help="Show Python tracebacks on errors.")
+
+
+def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    """Rendering and data options as train has them, each defaulting to the run's."""
+    parser.add_argument("--data-config", default=None, help="Config of a multi-config dataset. Default: the run's.")
+    parser.add_argument(
+        "--chat-template-kwargs", default=None, metavar="JSON", help="Chat template arguments. Default: the run's."
+    )
+    parser.add_argument(
+        "--ignore-chat-template", action=argparse.BooleanOptionalAction, default=None,
+        help="Use string prompts as they are. Default: the run's.",
+    )  # fmt: skip
+
+
+def prompt_settings(args: argparse.Namespace, saved: dict) -> dict:
+    from grpo_mlx.config import coerce
+
+    def pick(name):
+        given = getattr(args, name, None)
+        return coerce(name, given, "eval") if given is not None else saved.get(name)
+
+    return {name: pick(name) for name in ("data_config", "chat_template_kwargs", "ignore_chat_template")}
 
 
 def run_config(adapter_path: str | None) -> dict:
@@ -526,6 +549,7 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         reward_functions=args.reward_functions or [],
         prompt_key=args.prompt_key or saved.get("prompt_key") or "prompt",
         answer_key=args.answer_key or saved.get("answer_key") or "answer",
+        **prompt_settings(args, saved),
     )
 
 
@@ -593,11 +617,12 @@ def run(args: argparse.Namespace) -> int:
     from grpo_mlx.blas import use_system_blas
 
     use_system_blas()
-    from grpo_mlx import data
+    from grpo_mlx import data, prompts
 
     examples = data.load_split(
-        settings["data"], settings["split"], prompt_key=settings["prompt_key"], answer_key=settings["answer_key"]
-    )
+        settings["data"], settings["split"], prompt_key=settings["prompt_key"], answer_key=settings["answer_key"],
+        config=settings["data_config"],
+    )  # fmt: skip
     scored = [ex for ex in examples if has_answer(ex.get("answer"))]
     skipped = len(examples) - len(scored)
     if not scored:
@@ -609,7 +634,12 @@ def run(args: argparse.Namespace) -> int:
         scored = scored[: settings["limit"]]
     rewards.check_columns(reward_fns, scored, f"{settings['data']} ({settings['split']})")
     model, tokenizer = load_for_eval(settings["model"], settings["adapter_path"])
-    prepared = data.prepare_examples(scored, tokenizer, settings["system_prompt"])
+    prepared = prompts.prepare_examples(
+        scored, tokenizer, settings["system_prompt"], chat_template_kwargs=settings["chat_template_kwargs"],
+        ignore_chat_template=bool(settings["ignore_chat_template"]),
+    )  # fmt: skip
+    for note in prompts.notes(scored, tokenizer, bool(settings["ignore_chat_template"]), settings["model"]):
+        print(f"  note: {note}", file=sys.stderr)
     n = max(settings["k"])
     longest = max(len(ex["prompt_ids"]) for ex in prepared) + settings["max_completion_length"]
     batch = plan_batch(

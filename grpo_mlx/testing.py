@@ -136,3 +136,60 @@ def build_random_model(spec: str):
         embed.weight = embed.weight * (3.0 / config.get("hidden_size", 1) ** 0.5)
     mx.eval(model.parameters())
     return model, f"random {name} ({arch})"
+
+
+# Chat templates of the two families a user meets most, reduced to what rendering depends on.
+CHATML = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Qwen3's switch: thinking is on unless the caller passes enable_thinking=false.
+QWEN3_THINKING = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+# The opposite default (thinking only when asked), as some newer templates have it.
+THINKING_OPT_IN = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking %}<think>\n{% endif %}{% endif %}"
+)
+CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+BPE_CORPUS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "How many clips did Natalia sell altogether in April and May? The answer is 72.",
+    "def add(a, b):\n    return a + b\nassert add(1, 2) == 3",
+    "<think>\nWorking it out.\n</think>\n<answer>42</answer>",
+]
+
+
+def build_bpe_tokenizer(chat_template: str | None = CHATML, think_tokens: bool = False):
+    """A byte-level BPE tokenizer (as Qwen, Llama 3 and GPT-2 use) with ChatML special tokens,
+    trained in memory on a few sentences; `think_tokens` adds <think>/</think> as single tokens
+    (which is what makes mlx-lm's wrapper treat a model as a thinking one)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = CHATML_SPECIALS + (["<think>", "</think>"] if think_tokens else [])
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(BPE_CORPUS, trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=specials[1:]
+    )
+    if chat_template:
+        wrapped.chat_template = chat_template
+    return wrapped
+
+
+def save_tokenizer_dir(path, chat_template: str | None = CHATML, think_tokens: bool = False) -> str:
+    """A model directory holding only tokenizer files: what `train --dry-run` needs of a model."""
+    build_bpe_tokenizer(chat_template, think_tokens).save_pretrained(str(path))
+    return str(path)

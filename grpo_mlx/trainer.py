@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 
-from grpo_mlx import checkpoint, data, events, reward_worker, rewards, rundir, tracking
+from grpo_mlx import checkpoint, data, events, prompts, reward_worker, rewards, rundir, tracking
 from grpo_mlx import metric_names as M
 from grpo_mlx.advantages import compute_advantages, per_completion
 from grpo_mlx.batch import make_batch
@@ -94,24 +94,18 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         self.reward_fns = reward_functions(cfg)
-        self.train_examples = data.load_split(cfg.data, "train", prompt_key=cfg.prompt_key, answer_key=cfg.answer_key)
+        self.train_examples = data.load_split(
+            cfg.data, "train", prompt_key=cfg.prompt_key, answer_key=cfg.answer_key, config=cfg.data_config
+        )
         rewards.check_columns(self.reward_fns, self.train_examples, f"{cfg.data} (train)")  # before any model loads
-        self.eval_examples = []
-        if cfg.eval_limit > 0:
-            for split in dict.fromkeys([cfg.eval_split, "valid", "test"]):
-                found = data.load_split(
-                    cfg.data, split, prompt_key=cfg.prompt_key, answer_key=cfg.answer_key, required=False
-                )
-                if found:
-                    self.eval_examples = found[: cfg.eval_limit]
-                    break
+        self.eval_examples, _ = data.held_out_examples(cfg)
         self.world = World()  # one process unless started by mlx.launch
         self._check_ranks()
         mx.random.seed(cfg.seed)
         model, tokenizer = load_model(cfg.model)
         adapter_config = add_adapters(model, cfg)
-        train = data.prepare_examples(self.train_examples, tokenizer, cfg.system_prompt, cfg.max_prompt_length)
-        held = data.prepare_examples(self.eval_examples, tokenizer, cfg.system_prompt, cfg.max_prompt_length)
+        train = prompts.prepare_examples(self.train_examples, tokenizer, **prompts.options(cfg))
+        held = prompts.prepare_examples(self.eval_examples, tokenizer, **prompts.options(cfg))
         self._assemble(model, tokenizer, train, held, adapter_config)
         self._check_context()
         data.check_token_ids(
@@ -120,12 +114,8 @@ class Trainer:
             self.tokenizer,
             str(cfg.data),
         )
-        if not data.has_chat_template(self.tokenizer):
-            self.bus.emit(
-                events.Message(
-                    level="warning", text=f"{cfg.model} has no chat template: prompts are used as plain text"
-                )
-            )
+        for note in prompts.notes(self.train_examples, self.tokenizer, cfg.ignore_chat_template, str(cfg.model)):
+            self.bus.emit(events.Message(level="warning", text=note))  # once per run, before the first step
         if cfg.resume:
             ckpt = checkpoint.latest_checkpoint(self.run_dir)
             if ckpt is None:

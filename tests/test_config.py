@@ -443,3 +443,22 @@ def test_a_resumed_run_does_not_decode_its_stop_strings_again(tmp_path):
     assert cfg.stop == ["\\n"]  # a literal backslash and n
     (tmp_path / "config.json").write_text(json.dumps(to_dict(cfg)))
     assert build_resumed_config(str(tmp_path)).stop == ["\\n"]
+
+
+def test_chat_template_kwargs_from_yaml_mapping_and_cli_json(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("chat_template_kwargs:\n  enable_thinking: false\n", encoding="utf-8")
+    assert build_config({}, str(path)).chat_template_kwargs == {"enable_thinking": False}
+    args = cli.make_parser().parse_args(["train", "--chat-template-kwargs", '{"enable_thinking": false, "x": 1}'])
+    assert cli.config_from_args(args).chat_template_kwargs == {"enable_thinking": False, "x": 1}
+    assert build_config({}).chat_template_kwargs is None  # the template's own defaults
+    with pytest.raises(ConfigError, match="'chat_template_kwargs': not valid JSON"):
+        build_config({"chat_template_kwargs": "{enable_thinking: false}"})
+    with pytest.raises(ConfigError, match="'chat_template_kwargs': expected a mapping"):
+        build_config({"chat_template_kwargs": "[1, 2]"})
+
+
+def test_prompt_and_dataset_flags():
+    args = cli.make_parser().parse_args(["train", "--ignore-chat-template", "--data-config", "main", "--dry-run"])
+    cfg = cli.config_from_args(args)
+    assert cfg.ignore_chat_template is True and cfg.data_config == "main" and args.dry_run

@@ -240,3 +240,24 @@ def test_eval_json_has_samples_custom_rewards_and_top_k(tmp_path, capsys):
     assert [r["completion"] for r in top1["samples"]["model"]] == [r["completion"] for r in rows]
     assert cli.main(["eval", "--reward-functions", "acuracy", "--limit", "2"]) == 1
     assert "did you mean 'accuracy'" in capsys.readouterr().err
+
+
+def test_eval_renders_prompts_as_the_run_did(tmp_path):
+    """chat_template_kwargs, ignore_chat_template and data_config default to the run's."""
+    from grpo_mlx.config import ConfigError
+    from grpo_mlx.evaluate import resolve_settings
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "adapter_config.json").write_text(json.dumps({"model": "some/model"}))
+    saved = {"max_completion_length": 64, "data": "openai/gsm8k", "data_config": "main",
+             "chat_template_kwargs": {"enable_thinking": False}, "ignore_chat_template": False}  # fmt: skip
+    (run / "config.json").write_text(json.dumps(saved))
+    settings = resolve_settings(eval_args("--adapter-path", str(run)))
+    assert settings["chat_template_kwargs"] == {"enable_thinking": False} and settings["data_config"] == "main"
+    settings = resolve_settings(
+        eval_args("--adapter-path", str(run), "--chat-template-kwargs", "{}", "--ignore-chat-template")
+    )
+    assert settings["chat_template_kwargs"] == {} and settings["ignore_chat_template"] is True
+    with pytest.raises(ConfigError, match="'chat_template_kwargs': not valid JSON"):
+        resolve_settings(eval_args("--chat-template-kwargs", "{x}"))

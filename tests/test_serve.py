@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from grpo_mlx import cli, data
+from grpo_mlx import cli, prompts
 from grpo_mlx.policy import adapters_disabled
 from grpo_mlx.sampler import generate_groups
 
@@ -64,7 +64,7 @@ def test_server_gives_the_policys_greedy_answers(trained, tmp_path):
     assert cli.main(["fuse", "--adapter-path", str(trained.run_dir), "--save-path", str(fused)]) == 0
 
     # in-process: the policy (base + adapters), greedy, on the chat-template rendering "12+34="
-    examples = data.prepare_examples([{"prompt": p} for p in PROMPTS], trained.tokenizer)
+    examples = prompts.prepare_examples([{"prompt": p} for p in PROMPTS], trained.tokenizer)
     assert examples[0]["prompt_text"] == "12+34="
     roll = generate_groups(
         trained.model, trained.tokenizer, [ex["prompt_ids"] for ex in examples], 1, MAX_TOKENS, temperature=0.0

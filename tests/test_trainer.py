@@ -263,3 +263,17 @@ def test_a_checkpoint_is_written_once_per_step(tmp_path):
     trainer.bus.subscribe(lambda e: e["type"] == "checkpoint" and seen.append(e["step"]))
     trainer.run()
     assert seen == [1, 2]
+
+
+def test_prompt_options_reach_the_trainer_and_its_notes_the_run_log_once(tmp_path):
+    seen = []
+    bus = EventBus()
+    bus.subscribe(seen.append)
+    trainer = Trainer(small_config(tmp_path, ignore_chat_template=True), bus)
+    trainer.setup()
+    assert trainer.train_examples[0]["prompt_text"] == trainer.train_examples[0]["prompt"]  # no template "="
+    notes = [e["text"] for e in seen if e["type"] == "message" and "--ignore-chat-template" in e["text"]]
+    assert len(notes) == 1
+    plain = Trainer(small_config(tmp_path / "b"))
+    plain.setup()
+    assert plain.train_examples[0]["prompt_text"] == plain.train_examples[0]["prompt"] + "="

@@ -231,7 +231,7 @@ def test_dashboard_shows_progress_charts_advantages_and_samples(tmp_path):
             assert "reward: accuracy" in text and "0.84" in text  # the accuracy chart's latest value
             text = await press(pilot, "2")
             assert "distribution of 8 advantages (2 groups)" in text
-            assert "group 1: 21+31=" in text and "+0.87" in text and "-0.87" in text
+            assert "group 1: 21+31   answer 52" in text and "+0.87" in text  # the question, not prompt_text
             text = await press(pilot, "3")
             assert "step 12  (latest)" in text and "prompt: 21+31=" in text
             assert "advantage -0.870  total 0.5  accuracy 0  format 0.5  len 8  length (cut)" in text

@@ -279,3 +279,30 @@ def test_tail_skips_json_that_is_no_event_and_says_so_once(tmp_path):
     for e in RunFollower(str(tmp_path)).read():
         s.apply(e)
     assert s.steps == [1]
+
+
+def test_group_headers_show_the_question_not_the_template():
+    from tui.widgets import question
+
+    rendered = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "1+1?"},
+        {"role": "assistant", "content": "2"},
+        {"role": "user", "content": "2+2?"},
+    ]
+    assert question({"prompt": conversation, "prompt_text": rendered}) == "2+2?"  # the last user message
+    assert question({"prompt": "12+34=", "prompt_text": rendered}) == "12+34="
+    assert question({"prompt_text": "only the text"}) == "only the text"  # an older samples.jsonl
+
+
+def test_the_form_keeps_the_prompt_options_it_was_opened_with():
+    """The TUI runs the trainer with the form's config: chat_template_kwargs and friends from the
+    flags or -c file must survive an edit of the form."""
+    from grpo_mlx import cli
+
+    args = cli.make_parser().parse_args(
+        ["tui", "--chat-template-kwargs", '{"enable_thinking": false}', "--ignore-chat-template"]
+    )
+    cfg = form_config(cli.config_from_args(args), {"iters": "5"})
+    assert cfg.iters == 5 and cfg.chat_template_kwargs == {"enable_thinking": False} and cfg.ignore_chat_template

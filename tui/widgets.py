@@ -213,6 +213,19 @@ def prompt_text(group: dict) -> str:
     return str(prompt)
 
 
+def question(group: dict) -> str:
+    """What a group was asked: the last user message of a conversation (the start of a rendered
+    template is the same system preamble for every group), else the prompt string itself."""
+    prompt = group.get("prompt")
+    if isinstance(prompt, list):
+        users = [m.get("content") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        if users:
+            return str(users[-1])
+    if isinstance(prompt, str) and prompt:
+        return prompt
+    return prompt_text(group)
+
+
 def step_header(state: RunState, step: int | None, following: bool) -> Text:
     steps = state.sample_steps()
     if step is None:
@@ -240,7 +253,7 @@ class AdvantagePanel(Static):
                 row.append(f" {count}")
                 parts.append(row)
         for i, group in enumerate(groups, 1):
-            parts.append(Text(f"\ngroup {i}: {one_line(prompt_text(group), 60)}", style="bold"))
+            parts.append(Text(f"\ngroup {i}: {one_line(question(group), 60)}", style="bold"))
             if group.get("answer") is not None:
                 parts[-1].append(f"   answer {group['answer']}", style="dim")
             comps = sorted(group.get("completions", []), key=lambda c: c.get("advantage") or 0.0, reverse=True)
