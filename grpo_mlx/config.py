@@ -301,8 +301,10 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # `--help` shows the options in these groups, in this order; every field is in exactly one
 # (tests/test_config.py checks), so a new field is placed here too.
 OPTION_GROUPS: dict[str, tuple[str, ...]] = {
-    "model and prompts": ("model", "system_prompt", "max_prompt_length"),
-    "data": ("data", "prompt_key", "answer_key"),
+    "model and prompts": (
+        "model", "system_prompt", "max_prompt_length", "chat_template_kwargs", "ignore_chat_template",
+    ),
+    "data": ("data", "data_config", "prompt_key", "answer_key"),
     "run directory": ("adapter_path", "resume", "overwrite", "seed"),
     "adapters": ("fine_tune_type", "num_layers", "lora_rank", "lora_scale", "lora_dropout", "lora_keys"),
     "sampling": (

@@ -205,7 +205,7 @@ def test_world_of_one_process_passes_values_through():
 
 @pytest.fixture(scope="module")
 def demo():
-    from grpo_mlx import data
+    from grpo_mlx import data, prompts
     from grpo_mlx.config import build_config
     from grpo_mlx.policy import add_adapters, load_model
     from grpo_mlx.trainer import Trainer
@@ -213,7 +213,7 @@ def demo():
     cfg = build_config({"batch_size": 4, "group_size": 4, "eval_limit": 0, "max_completion_length": 12})
     model, tokenizer = load_model(cfg.model)
     adapter_config = add_adapters(model, cfg)
-    train = data.prepare_examples(data.load_split(cfg.data, "train")[:8], tokenizer)
+    train = prompts.prepare_examples(data.load_split(cfg.data, "train")[:8], tokenizer)
     t = Trainer.from_parts(cfg, model, tokenizer, train, adapter_config=adapter_config)
     collected = collect_groups(t.train_examples, 0, world=t.world, sample=t.sample, score=t.score, timing=Timing(),
                                **t._sampling)  # fmt: skip
