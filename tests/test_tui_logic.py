@@ -9,7 +9,7 @@ import pytest
 from grpo_mlx.config import ConfigError, build_config
 from tui import health
 from tui.config_form import form_config, shown
-from tui.plot import BRAILLE, bar, braille_chart, compact, histogram
+from tui.plot import BRAILLE, bar, braille_chart, columns_text, compact, histogram
 from tui.state import RunState, describe
 from tui.tail import JsonlTail, RunFollower
 
@@ -279,3 +279,8 @@ def test_tail_skips_json_that_is_no_event_and_says_so_once(tmp_path):
     for e in RunFollower(str(tmp_path)).read():
         s.apply(e)
     assert s.steps == [1]
+
+
+def test_logged_columns_show_beside_a_completion():
+    line = columns_text({"judge_score": 7.0, "judge_reason": "polite\nand short", "other": None}, width=10)
+    assert line == "judge_score 7  judge_reason polite an…  other n/a"
