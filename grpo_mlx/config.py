@@ -796,7 +796,7 @@ def validate(cfg: TrainConfig) -> None:
 
 def _validate_judge(cfg: TrainConfig, need) -> None:
     """The judge_* keys; judge_model is required when the judge reward is chosen."""
-    from grpo_mlx.judge import parse_scale
+    from grpo_mlx.judge_rubric import parse_scale
 
     need(
         "judge" not in cfg.reward_functions or bool(cfg.judge_model),

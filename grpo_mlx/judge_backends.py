@@ -25,7 +25,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from grpo_mlx.judge import JudgeError, JudgeSettings
+from grpo_mlx.judge_rubric import JudgeError, JudgeSettings
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 MAX_BACKOFF = 8.0  # seconds between tries at most

@@ -1,26 +1,18 @@
-"""The judge reward: rubric rendering, reading scores (pointwise and group), one retry then None,
-the cache (repeats and resume), the endpoint against a stub server (exact scores, bounded
-concurrency, retries, timeout, the key) and the real mlx_lm.server (and its death mid-run:
-one sentence and a checkpoint), the `base` and local judges in-process."""
+"""The judge reward: group mode's requests, one retry then None (counted, with the metric and the
+samples' columns), the cache (repeats in a batch and across calls, resume, a torn line), the
+judge_* keys, the example's configs, and the `base` judge in a real training run."""
 
-import contextlib
 import json
 import math
-import os
-import subprocess
-import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from grpo_mlx import judge as J
 from grpo_mlx.config import DEMO_MODEL, ConfigError, build_config
 from grpo_mlx.events import read_jsonl
-from grpo_mlx.judge_backends import EndpointBackend, LocalBackend, chat_url
+from grpo_mlx.judge_backends import LocalBackend, chat_url
 from grpo_mlx.rewards import RewardContext, compute_rewards, resolve_reward
-from grpo_mlx.trainer import Trainer, TrainingStopped
-from tests.test_serve import free_port, wait_until_up
+from grpo_mlx.trainer import Trainer
 
 SCALE = (0.0, 10.0)
 
@@ -46,59 +38,15 @@ class FakeBackend:
 # ------------------------------------------------------------------ asking and reading
 
 
-def test_rubric_is_filled_with_prompt_completion_and_columns():
-    s = settings(rubric="Q: {prompt}\nA: {completion}\nKey: {answer} ({source})\nScale {scale}. {{literal}}")
-    [message] = J.pointwise_messages(s, {"prompt": "2+2", "completion": "4", "answer": "4", "source": "book"})
-    assert message["content"] == "Q: 2+2\nA: 4\nKey: 4 (book)\nScale 0-10. {literal}"
-    # without {completion} in the rubric, the prompt and response are appended with the answer format
-    [message] = J.pointwise_messages(settings(rubric="Be fair."), {"prompt": "2+2", "completion": "5"})
-    assert message["content"].startswith("Be fair.") and "## Response\n5" in message["content"]
-    assert "Score: N" in message["content"]
+def test_a_run_whose_data_lacks_a_rubric_column_is_refused_before_training():
+    from grpo_mlx.rewards import RewardSpecError, check_columns
 
-
-def test_a_missing_field_is_one_sentence_naming_it_and_the_rubric():
-    with pytest.raises(J.JudgeError, match=r"rubric test rubric: no field \{reference\}"):
-        J.render("{reference}", {"prompt": "p"}, "test rubric")
-    with pytest.raises(J.JudgeError, match="not a plain field name"):
-        J.render("{prompt.__class__}", {"prompt": "p"}, "test rubric")
-
-
-def test_rubric_file_is_read_and_a_missing_one_refused(tmp_path):
-    path = tmp_path / "rubric.md"
-    path.write_text("Rate {completion}")
-    assert J.load_rubric(str(path)) == ("Rate {completion}", str(path))
-    assert J.load_rubric("Rate the tone.")[1] == "judge_rubric"
-    with pytest.raises(J.JudgeError, match="rubric file not found"):
-        J.load_rubric(str(tmp_path / "missing.md"))
-
-
-@pytest.mark.parametrize(
-    "answer, score",
-    [
-        ("Clear and right.\nScore: 8", 8.0),
-        ("I give it 7/10.", 7.0),
-        ("3 out of 10", 3.0),
-        ("Score: 12\nScore: 4", 4.0),  # the last in range
-        ("Between 2 and 9, say 6", 6.0),
-        ("Score: 11", None),  # outside the scale
-        ("no number here", None),
-    ],
-)
-def test_pointwise_score_is_the_last_number_on_the_scale(answer, score):
-    assert J.parse_score(answer, SCALE)[0] == score
-
-
-def test_reason_is_the_answer_without_its_score():
-    assert J.parse_score("Concise and polite. Score: 9/10", SCALE) == (9.0, "Concise and polite.")
-
-
-def test_group_answer_needs_exactly_one_score_per_response():
-    good = "1: 7 - on topic\nResponse 2: 3 - rambles\n#3 = 10"
-    assert J.parse_group(good, SCALE, 3) == ([7.0, 3.0, 10.0], ["on topic", "rambles", ""], "")
-    assert J.parse_group("1: 7\n2: 3", SCALE, 3)[2] == "no score for response 3"
-    assert J.parse_group("1: 7\n2: 3\n3: 1\n4: 2", SCALE, 3)[2] == "a score for response 4 of 3"
-    assert J.parse_group("1: 7\n1: 8\n2: 3", SCALE, 2)[2] == "response 1 was scored twice"
-    assert "outside" in J.parse_group("1: 7\n2: 30", SCALE, 2)[2]
+    rubric = "For {audience}: {answer}"
+    cfg = build_config({"reward_functions": ["judge"], "judge_model": "base", "judge_rubric": rubric})
+    name, reward = resolve_reward("judge", config=cfg)
+    assert reward.needs_columns == ("audience", "answer")
+    with pytest.raises(RewardSpecError, match="reward 'judge' needs the 'audience' column"):
+        check_columns([(name, reward)], [{"prompt": "p", "answer": "1"}], "the data")
 
 
 def test_group_mode_asks_once_per_prompt_and_normalises():
@@ -198,105 +146,6 @@ def test_the_examples_configs_load_and_their_rubric_fits_the_data(monkeypatch):
     assert demo.model == "base" and demo.rubric == RUBRIC and demo.scale == (0.0, 200.0)
 
 
-# ------------------------------------------------------------------ a stub server on loopback
-
-
-@contextlib.contextmanager
-def stub_server(reply):
-    """A chat-completions server on loopback; `reply(body, headers) -> (status, content)`."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            status, content = reply(body, dict(self.headers))
-            data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def test_endpoint_scores_with_bounded_concurrency_and_the_key(monkeypatch):
-    bound, lock, now, most, seen = 3, threading.Lock(), [0], [0], []
-    barrier = threading.Barrier(bound, timeout=20)  # passes only when `bound` requests are in flight at once
-
-    def reply(body, headers):
-        with lock:
-            now[0] += 1
-            most[0] = max(most[0], now[0])
-            seen.append((body, headers.get("Authorization")))
-        try:
-            barrier.wait()
-        except threading.BrokenBarrierError:
-            return 500, ""
-        finally:
-            with lock:
-                now[0] -= 1
-        completion = body["messages"][0]["content"].split("## Response\n")[1].split("\n")[0]
-        return 200, f"Looks fine. Score: {len(completion)}"
-
-    monkeypatch.setenv("JUDGE_TEST_KEY", "secret")
-    with stub_server(reply) as url:
-        s = settings(model=url + "#my-judge", concurrency=bound, api_key_env="JUDGE_TEST_KEY", retries=0)
-        v = J.Judge(s, EndpointBackend(s)).judge(["p"] * 6, ["a", "bb", "ccc", "dddd", "eeeee", "ffffff"], {})
-    assert v.raw == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0] and v.scores[4] == 0.5
-    assert v.reasons[0] == "Looks fine."
-    assert most[0] == bound, f"{most[0]} requests at once, bound {bound}"
-    body, auth = seen[0]
-    assert auth == "Bearer secret" and body["model"] == "my-judge"
-    assert body["temperature"] == 0.0 and body["max_tokens"] == 8 and "seed" in body
-
-
-def test_endpoint_retries_then_fails_in_one_sentence():
-    calls = []
-
-    def flaky(body, headers):
-        calls.append(1)
-        return (503, "") if len(calls) <= 2 else (200, "Score: 5")
-
-    with stub_server(flaky) as url:
-        s = settings(model=url, retries=2)
-        assert J.Judge(s, EndpointBackend(s, backoff=0.01)).judge(["p"], ["x"], {}).raw == [5.0]
-    assert len(calls) == 3
-    with stub_server(lambda body, headers: (503, "")) as url:
-        s = settings(model=url, retries=1)
-        with pytest.raises(J.JudgeError, match=r"gave no answer after 2 tries: HTTP 503"):
-            EndpointBackend(s, backoff=0.01).complete([[{"role": "user", "content": "x"}]], {})
-    with stub_server(lambda body, headers: (401, "")) as url:
-        s = settings(model=url, retries=5)
-        with pytest.raises(J.JudgeError, match=r"refused the request: HTTP 401.*OPENAI_API_KEY"):
-            EndpointBackend(s, backoff=0.01).complete([[{"role": "user", "content": "x"}]], {})
-
-
-def test_endpoint_timeout_is_reported():
-    release = threading.Event()
-
-    def slow(body, headers):
-        release.wait(10)
-        return 200, "Score: 1"
-
-    with stub_server(slow) as url:
-        s = settings(model=url, retries=0, timeout=0.2)
-        try:
-            with pytest.raises(J.JudgeError, match=r"no answer within judge_timeout = 0.2 s"):
-                EndpointBackend(s).complete([[{"role": "user", "content": "x"}]], {})
-        finally:
-            release.set()
-
-
 # ------------------------------------------------------------------ in-process judges and the trainer
 
 RUBRIC = "{completion}+10"  # the demo model adds: its "judgment" is the completion plus ten
@@ -332,69 +181,3 @@ def test_base_judge_in_the_trainer_reports_scores_metrics_and_cache(tmp_path):
     assert via_base == LocalBackend(fresh, tokenizer, "fresh", s).complete(request, params)
     policy = LocalBackend(trainer.model, trainer.tokenizer, "policy", s).complete(request, params)
     assert policy != via_base, "pick requests where the trained adapters change the answer"
-
-
-def test_local_judge_is_loaded_beside_the_policy(tmp_path):
-    cfg = demo_config(tmp_path, judge_model=DEMO_MODEL, judge_concurrency=2)
-    name, reward = resolve_reward("judge", config=cfg)
-    J.bind_judges([(name, reward)], None, None, tmp_path)
-    backend = reward.judge.backend
-    assert isinstance(backend, LocalBackend) and not backend.base and backend.id == f"mlx:{DEMO_MODEL}"
-    scores = reward(["12+34"] * 3, ["46", "50", "88"])
-    assert len(scores) == 3 and all(s is None or 0 <= s <= 1 for s in scores)
-    assert sum(s is not None for s in scores) >= 2, f"the demo model adds ten to most numbers: {scores}"
-
-
-# ------------------------------------------------------------------ the real mlx_lm.server
-
-
-@contextlib.contextmanager
-def mlx_lm_server(tmp_path):
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log_path = tmp_path / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlx_lm", "server", "--model", DEMO_MODEL, "--host", "127.0.0.1",
-             "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path,
-        )  # fmt: skip
-        try:
-            wait_until_up(proc, base, log_path)
-            yield base, proc
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=10)
-
-
-def test_real_server_judges_then_dies_mid_run_with_a_checkpoint(tmp_path):
-    with mlx_lm_server(tmp_path) as (base, proc):
-        s = settings(model=base + "/v1", rubric=RUBRIC, scale=(0.0, 200.0), max_tokens=4, concurrency=2)
-        v = J.Judge(s, EndpointBackend(s)).judge(["p"] * 3, ["23", "41", "60"], {})
-        assert sum(r is not None for r in v.raw) >= 2, f"the served demo model adds ten: {v.raw}"
-
-        cfg = demo_config(tmp_path, judge_model=base, iters=3, judge_retries=1, judge_timeout=10)
-        trainer = Trainer(cfg)
-
-        def kill_after_first_step(event):
-            if event.get("type") == "step" and event.get("step") == 1:
-                proc.kill()
-                proc.wait(timeout=10)
-
-        trainer.bus.subscribe(kill_after_first_step)
-        with pytest.raises(TrainingStopped) as stopped:
-            trainer.run()
-    message = str(stopped.value)
-    assert "reward function 'judge'" in message and f"judge server {base}/v1/chat/completions" in message
-    assert "gave no answer after 2 tries" in message and "Checkpoint saved at step 1" in message
-    assert "\n" not in message
-    assert (trainer.run_dir / "checkpoints" / "latest").exists()
-    lines = (trainer.run_dir / J.CACHE_FILE).read_text().splitlines()
-    [first] = [e for e in read_jsonl(str(trainer.run_dir / "samples.jsonl")) if e.get("type") == "samples"]
-    texts = {c["text"] for g in first["groups"] for c in g["completions"]}
-    assert len(lines) == len(texts), "step 1's distinct requests (one per distinct completion) are cached"
