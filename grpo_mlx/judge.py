@@ -33,6 +33,7 @@ from grpo_mlx import metric_names as M
 from grpo_mlx.judge_rubric import (
     JudgeError,
     JudgeSettings,
+    check_rubric,
     group_messages,
     load_rubric,
     normalise,
@@ -53,6 +54,7 @@ CACHE_FILE = "judge_cache.jsonl"
 def settings_from(cfg) -> JudgeSettings:
     """The judge's settings from a TrainConfig (validated there)."""
     rubric, source = load_rubric(cfg.judge_rubric)
+    check_rubric(rubric, source)  # before any model loads
     return JudgeSettings(
         model=cfg.judge_model,
         rubric=rubric,

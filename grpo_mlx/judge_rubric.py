@@ -98,13 +98,18 @@ class _Fields(dict):
 def render(template: str, fields: dict, source: str) -> str:
     """str.format_map over the fields only: `{name}` is a field, `{{` and `}}` are braces;
     attribute and index lookups ({a.b}, {a[0]}) are refused, so a rubric reads no object's insides."""
-    for _, name, _, _ in _formatter_fields(template, source):
-        if name is not None and not re.fullmatch(r"\w+", name):
-            raise JudgeError(f"rubric {source}: {{{name}}} is not a plain field name (use {{column}} only)")
+    check_rubric(template, source)
     try:
         return template.format_map(_Fields({k: _text(v) for k, v in fields.items()}, source))
     except (ValueError, IndexError) as e:
         raise JudgeError(f"rubric {source}: {e} (write a literal brace as {{{{ or }}}})") from None
+
+
+def check_rubric(template: str, source: str) -> None:
+    """Refuse a template whose fields are not plain names ({a.b}, {a[0]}, {a!r}, {a:>5} too)."""
+    for _, name, spec, conversion in _formatter_fields(template, source):
+        if name is not None and (not re.fullmatch(r"\w+", name) or spec or conversion):
+            raise JudgeError(f"rubric {source}: {{{name}}} is not a plain field name (use {{column}} only)")
 
 
 def _formatter_fields(template: str, source: str):

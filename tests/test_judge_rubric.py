@@ -27,8 +27,9 @@ def test_rubric_is_filled_with_prompt_completion_and_columns():
 def test_a_missing_field_is_one_sentence_naming_it_and_the_rubric():
     with pytest.raises(R.JudgeError, match=r"rubric test rubric: no field \{reference\}"):
         R.render("{reference}", {"prompt": "p"}, "test rubric")
-    with pytest.raises(R.JudgeError, match="not a plain field name"):
-        R.render("{prompt.__class__}", {"prompt": "p"}, "test rubric")
+    for template in ("{prompt.__class__}", "{prompt[0]}", "{prompt!r}", "{prompt:>99999}"):
+        with pytest.raises(R.JudgeError, match="not a plain field name"):
+            R.render(template, {"prompt": "p"}, "test rubric")
 
 
 def test_a_conversation_prompt_is_shown_as_its_messages():
