@@ -163,8 +163,9 @@ def group_messages(settings: JudgeSettings, fields: dict, completions: list[str]
     `N: score` for each (the rubric may place the list itself with {completions})."""
     lo, hi = settings.scale
     listing = "\n\n".join(f"### Response {i}\n{c}" for i, c in enumerate(completions, 1))
-    fields = {**fields, "completions": listing, "count": str(len(completions)), "scale": _scale_text(settings.scale)}
-    fields.setdefault("completion", "")
+    # {completion} is empty here: a group has no single completion
+    fields = {**fields, "completion": "", "completions": listing, "count": str(len(completions)),
+              "scale": _scale_text(settings.scale)}  # fmt: skip
     text = render(settings.rubric, fields, settings.rubric_source)
     if not _uses(settings.rubric, "completions"):
         text += f"\n\n## Prompt\n{_text(fields['prompt'])}\n\n## {len(completions)} responses\n{listing}"
