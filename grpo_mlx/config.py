@@ -38,6 +38,7 @@ REWARD_COMBINATIONS = ("sum", "normalize_each")
 IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 FINE_TUNE_TYPES = ("lora", "dora")
 REWARD_ISOLATION = ("thread", "process")
+JUDGE_MODES = ("pointwise", "group")
 TRACKERS = ("wandb", "trackio", "tensorboard", "swanlab")  # grpo_mlx.tracking has one writer each
 HUB_REPO = re.compile(r"([A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")  # owner/name, or name in the token's account
 SEED_LIMIT = 2**32  # numpy's and MLX's seeds are unsigned 32/64-bit; negative ones fail mid-run
@@ -119,7 +120,7 @@ class TrainConfig:
     )
     reward_functions: list = _f(
         ["accuracy"],
-        "Reward functions: built-in names (accuracy, format, format_soft, overlong, length, code), "
+        "Reward functions: built-in names (accuracy, format, format_soft, overlong, length, code, judge), "
         "file.py:function or module:function.",
     )
     reward_weights: list | None = _f(None, "Weight of each reward function (default: all 1).")
@@ -235,6 +236,35 @@ class TrainConfig:
         "less memory, about a third more compute.",
     )
 
+    # --- the judge reward (reward_functions: judge)
+    judge_model: str | None = _f(
+        None,
+        "Who judges for the judge reward: a local mlx-lm model (path or hub id), base (the policy's own base "
+        "model, adapters off: no extra memory, but the policy learns to please its own base), or the http(s) "
+        "URL of an OpenAI-compatible server (URL#model names the server's model).",
+    )
+    judge_rubric: str | None = _f(
+        None,
+        "What the judge is asked: text or a .txt/.md file, with {prompt}, {completion}, {answer} and any "
+        "dataset column filled in ({completions} in group mode). Default: a generic helpfulness rubric.",
+    )
+    judge_mode: str = _f(
+        "pointwise",
+        "pointwise (one request per completion) or group (one per prompt showing all its completions, "
+        "a score each: relative judgments, RULER-style).",
+    )
+    judge_scale: str = _f("0-10", "The judge's score scale LOW-HIGH; scores are normalised to [0, 1].")
+    judge_max_tokens: int = _f(256, "Most tokens of one judge answer.")
+    judge_temperature: float = _f(0.0, "The judge's sampling temperature (0 = greedy); its sampling is seeded.")
+    judge_concurrency: int = _f(
+        8, "Judge requests at once: in flight to a server, or prompts per batch for a local judge."
+    )
+    judge_timeout: float = _f(60.0, "Seconds one request to a judge server may take.")
+    judge_retries: int = _f(3, "Retries of a failed judge server request (with backoff) before the reward fails.")
+    judge_api_key_env: str = _f(
+        "OPENAI_API_KEY", "Environment variable holding the judge server's API key (sent when set)."
+    )
+
     # --- faults
     reward_error_policy: str = _f(
         "stop", "When a reward function fails: stop (save a checkpoint and exit) or skip (skip the step)."
@@ -329,6 +359,10 @@ OPTION_GROUPS: dict[str, tuple[str, ...]] = {
     "optimisation": (
         "iters", "learning_rate", "warmup_steps", "min_lr_ratio", "weight_decay", "max_grad_norm",
         "gradient_accumulation_steps", "grad_checkpoint",
+    ),
+    "judge": (
+        "judge_model", "judge_rubric", "judge_mode", "judge_scale", "judge_max_tokens", "judge_temperature",
+        "judge_concurrency", "judge_timeout", "judge_retries", "judge_api_key_env",
     ),
     "faults": ("reward_error_policy", "reward_isolation", "reward_timeout", "max_bad_steps"),
     "evaluation": ("eval_limit", "eval_split", "eval_every"),
@@ -502,9 +536,20 @@ def local_path(value: str | None) -> str | None:
     return str(path.resolve()) if path.exists() else value
 
 
+def rubric_path(value: str | None) -> str | None:
+    """judge_rubric made absolute when it names a file; rubric text (any length) unchanged."""
+    try:
+        return local_path(value) if value and "\n" not in value else value
+    except OSError:  # text too long to be a file name
+        return value
+
+
 def absolute_paths(cfg: TrainConfig) -> None:
     cfg.model = local_path(cfg.model)
     cfg.data = local_path(cfg.data)
+    cfg.judge_rubric = rubric_path(cfg.judge_rubric)
+    if cfg.judge_model not in (None, "base") and not cfg.judge_model.startswith(("http://", "https://")):
+        cfg.judge_model = local_path(cfg.judge_model)
     specs = []
     for spec in cfg.reward_functions:
         target, colon, attr = spec.rpartition(":")
@@ -524,6 +569,9 @@ RESUME_MAY_CHANGE = frozenset(
         "eval_split",
         "samples_per_step",
         "reward_timeout",
+        "judge_timeout",
+        "judge_retries",
+        "judge_api_key_env",
         "reward_isolation",
         "reward_error_policy",
         "max_bad_steps",
@@ -760,6 +808,7 @@ def validate(cfg: TrainConfig) -> None:
         f"needs one weight per reward function ({len(cfg.reward_functions)})",
     )
     _validate_objective(cfg, need)
+    _validate_judge(cfg, need)
     unknown = [t for t in cfg.report_to if t not in TRACKERS]
     need(
         not unknown,
@@ -778,6 +827,25 @@ def validate(cfg: TrainConfig) -> None:
         "gradient_accumulation_steps",
         f"must be >= 1 and divide batch_size*group_size = {n}",
     )
+
+
+def _validate_judge(cfg: TrainConfig, need) -> None:
+    """The judge_* keys; judge_model is required when the judge reward is chosen."""
+    from grpo_mlx.judge_rubric import parse_scale
+
+    need(
+        "judge" not in cfg.reward_functions or bool(cfg.judge_model),
+        "judge_model",
+        "the judge reward needs a judge: a local model path or hub id, base, or an http(s) URL",
+    )
+    need(cfg.judge_mode in JUDGE_MODES, "judge_mode", f"must be one of {', '.join(JUDGE_MODES)}")
+    need(parse_scale(cfg.judge_scale) is not None, "judge_scale", "must be LOW-HIGH with LOW < HIGH, e.g. 0-10")
+    need(cfg.judge_max_tokens >= 1, "judge_max_tokens", "must be at least 1")
+    need(cfg.judge_temperature >= 0, "judge_temperature", "must be >= 0 (0 = greedy)")
+    need(cfg.judge_concurrency >= 1, "judge_concurrency", "must be at least 1")
+    need(cfg.judge_timeout > 0, "judge_timeout", "must be > 0 seconds")
+    need(cfg.judge_retries >= 0, "judge_retries", "must be >= 0")
+    need(bool(cfg.judge_api_key_env), "judge_api_key_env", "must name an environment variable")
 
 
 def _validate_objective(cfg: TrainConfig, need) -> None:

@@ -36,6 +36,9 @@ TOKENS_PER_SECOND = "tokens_per_second"  # rollout throughput
 PEAK_MEMORY_GB = "peak_memory_gb"  # mx.get_peak_memory() over the step
 RESAMPLE_ROUNDS = "resample_rounds"  # dynamic sampling's extra rounds
 SKIPPED = "skipped"  # 1 on a step whose update was not applied
+JUDGE_TIME = "time/judge"  # seconds the judge reward spent (inside time/rewards)
+JUDGE_UNPARSEABLE = "judge/unparseable"  # share of completions whose judgment could not be read
+JUDGE_CACHE_HITS = "judge/cache_hits"  # judge requests answered from the run's cache
 
 REWARD_PREFIX = "rewards/"  # per reward function: rewards/<name>/mean and rewards/<name>/std
 

@@ -27,6 +27,7 @@ RUN_FILES = (
     "summary.json",
     "adapters.safetensors",
     "adapter_config.json",
+    "judge_cache.jsonl",
 )
 RUN_DIRS = ("checkpoints",)
 

@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 
-from grpo_mlx import checkpoint, data, events, prompts, reward_worker, rewards, rundir, tracking
+from grpo_mlx import checkpoint, data, events, judge, prompts, reward_worker, rewards, rundir, tracking
 from grpo_mlx import metric_names as M
 from grpo_mlx.advantages import compute_advantages, per_completion
 from grpo_mlx.batch import make_batch
@@ -62,7 +62,8 @@ class TrainingStopped(UserError, RuntimeError):
 def reward_functions(cfg: TrainConfig) -> list:
     """The run's (name, function) pairs; custom ones in worker processes with --reward-isolation process."""
     fns = [
-        rewards.resolve_reward(spec, max_completion_length=cfg.max_completion_length) for spec in cfg.reward_functions
+        rewards.resolve_reward(spec, max_completion_length=cfg.max_completion_length, config=cfg)
+        for spec in cfg.reward_functions
     ]
     if cfg.reward_isolation == "process":
         fns = reward_worker.isolate(cfg.reward_functions, fns, cfg.reward_timeout,
@@ -155,6 +156,7 @@ class Trainer:
         self.model, self.tokenizer, self.adapter_config = model, tokenizer, adapter_config
         self.train_examples, self.eval_examples = train_examples, eval_examples
         self.pad_id = pad_id(tokenizer)
+        judge.bind_judges(self.reward_fns, model, tokenizer, self.run_dir, cfg.group_size)  # the judge reward's model
         self.optimizer = make_optimizer(cfg)
         self.state = {"step": 0, "data_position": 0, "skipped_steps": 0}
         self._saved_step = None  # the step of the last checkpoint this process wrote

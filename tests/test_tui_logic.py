@@ -9,7 +9,7 @@ import pytest
 from grpo_mlx.config import ConfigError, build_config
 from tui import health
 from tui.config_form import form_config, shown
-from tui.plot import BRAILLE, bar, braille_chart, compact, histogram
+from tui.plot import BRAILLE, bar, braille_chart, columns_text, compact, histogram
 from tui.state import RunState, describe
 from tui.tail import JsonlTail, RunFollower
 
@@ -306,3 +306,8 @@ def test_the_form_keeps_the_prompt_options_it_was_opened_with():
     )
     cfg = form_config(cli.config_from_args(args), {"iters": "5"})
     assert cfg.iters == 5 and cfg.chat_template_kwargs == {"enable_thinking": False} and cfg.ignore_chat_template
+
+
+def test_logged_columns_show_beside_a_completion():
+    line = columns_text({"judge_score": 7.0, "judge_reason": "polite\nand short", "other": None}, width=10)
+    assert line == "judge_score 7  judge_reason polite an…  other n/a"

@@ -110,3 +110,18 @@ def compact(value: float | None) -> str:
     if value == 0:
         return "0"
     return f"{value:.4g}" if 1e-3 <= abs(value) < 1e5 else f"{value:.3g}"
+
+
+def columns_text(columns: dict, width: int = 120) -> str:
+    """A completion's logged columns (log_extra, e.g. a judge's score and reason) on one line:
+    numbers compact, text cut to fit, a missing value as n/a."""
+
+    def shown(v) -> str:
+        if v is None:
+            return "n/a"
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return compact(float(v))
+        text = " ".join(str(v).split())
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+    return "  ".join(f"{name} {shown(v)}" for name, v in columns.items())

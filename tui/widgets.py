@@ -10,7 +10,7 @@ from textual.widgets import Static
 
 from grpo_mlx import metric_names as M
 from tui.health import Alert
-from tui.plot import bar, braille_chart, compact, histogram, value_range
+from tui.plot import bar, braille_chart, columns_text, compact, histogram, value_range
 from tui.state import RunState, finite
 
 # (metric, title, note shown when the metric is not logged); reward functions' charts are
@@ -38,6 +38,8 @@ OPTION_CHARTS = [
     (M.VESPO_PHI, "vespo: sequence weight"),
     (M.SAMPLING_LOGP_DIFF, "sampler/trainer log-prob gap"),
     (M.IS_RATIO_MEAN, "mismatch weight (mean)"),
+    (M.JUDGE_TIME, "judge time (s)"),
+    (M.JUDGE_UNPARSEABLE, "unreadable judgments"),
 ]
 USER_CHARTS = 8  # at most this many charts of what reward functions log (log_metric)
 CHART_MIN_WIDTH = 36  # cells; the grid shows as many columns as fit
@@ -292,6 +294,8 @@ class SamplesPanel(Static):
                 if c.get("finish_reason") == "length":
                     head.append(" (cut)", style="yellow")
                 parts.append(head)
+                if c.get("extra"):  # what reward functions logged beside it (a judge's score and reason)
+                    parts.append(Text("     " + columns_text(c["extra"]), style="italic cyan"))
                 text = c.get("text", "")
                 parts.append(
                     Text(

@@ -3,7 +3,8 @@ is strict (1/0); `format_soft` gives 0.25 per format rule that holds, so a nearl
 still gets a signal (both give 1.0 to the same completions); `overlong` is DAPO's soft
 punishment; `length` is -min(L, L_max)/L_max, linear in [-1, 0], meant with a small weight;
 `digit_steps` is a process reward (one step per answer digit); `code` runs generated Python
-against a `tests` column in the OS sandbox (grpo_mlx.sandbox).
+against a `tests` column in the OS sandbox (grpo_mlx.sandbox); `judge` asks a language model
+(grpo_mlx.judge), configured by the run's judge_* keys.
 """
 
 from __future__ import annotations
@@ -163,6 +164,13 @@ def code_reward(**options) -> RewardFn:
     return _needs(make(**chosen), chosen.get("tests_column", "tests"))
 
 
+def judge_reward(**options) -> RewardFn:
+    """A language model as the judge (grpo_mlx.judge); configured by the run's judge_* keys."""
+    from grpo_mlx.judge import judge_reward as make
+
+    return make(**options)
+
+
 BUILTIN_REWARDS: dict[str, Callable[..., RewardFn]] = {
     "accuracy": accuracy_reward,
     "format": format_reward,
@@ -171,4 +179,5 @@ BUILTIN_REWARDS: dict[str, Callable[..., RewardFn]] = {
     "length": length_reward,
     "code": code_reward,
     "digit_steps": digit_steps_reward,
+    "judge": judge_reward,
 }

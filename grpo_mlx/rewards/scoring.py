@@ -140,6 +140,8 @@ def _call_with_timeout(fn: RewardFn, timeout: float | None, force: bool = False,
     thread) and reported; the run stops or skips."""
     if getattr(fn, "runs_in_process", False):  # its worker process keeps its own time limit
         return fn(**kwargs)
+    if getattr(fn, "in_trainer_thread", False):  # MLX work (a local judge): streams are per thread
+        return fn(**kwargs)
     if not timeout and not force:
         return fn(**kwargs)
     result: dict = {}
