@@ -299,19 +299,21 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "has_chat_template", False) or getattr(tokenizer, "chat_template", None))
 
 
-def format_prompt(tokenizer, prompt, system_prompt: str | None = None) -> str:
+def format_prompt(tokenizer, prompt, system_prompt: str | None = None, tools: list[dict] | None = None) -> str:
     """The model's input text for a prompt (a string or a list of chat messages).
 
     With a chat template: the template with the generation prompt appended; a string prompt is
     one user message, and `system_prompt` is prepended unless a system message is there.
     Without one (base models): the system texts, a blank line, then the other messages'
-    contents joined by newlines; a plain string prompt is used as it is."""
+    contents joined by newlines; a plain string prompt is used as it is. `tools`: the tools'
+    JSON schemas, for the template to show the model (its `tools=` argument)."""
+    extra = {"tools": tools} if tools else {}  # stand-in tokenizers need not take the keyword
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if system_prompt and not any(m["role"] == "system" for m in messages):
         messages = [{"role": "system", "content": system_prompt}] + messages
     if has_chat_template(tokenizer):
         try:
-            return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
         except Exception:
             # Some templates (e.g. Gemma 2) reject the system role: fold it into the first
             # user turn, which is what those models' authors recommend.
@@ -319,7 +321,7 @@ def format_prompt(tokenizer, prompt, system_prompt: str | None = None) -> str:
                 raise
             system, first, *rest = messages
             merged = {**first, "content": system["content"] + "\n\n" + first["content"]}
-            return tokenizer.apply_chat_template([merged, *rest], add_generation_prompt=True, tokenize=False)
+            return tokenizer.apply_chat_template([merged, *rest], add_generation_prompt=True, tokenize=False, **extra)
     system = "\n".join(m["content"] for m in messages if m["role"] == "system")
     body = "\n".join(m["content"] for m in messages if m["role"] != "system")
     return f"{system}\n\n{body}" if system else body
@@ -360,12 +362,16 @@ def check_token_ids(examples: list[dict], vocab_size: int | None, tokenizer=None
 
 
 def prepare_examples(
-    examples: list[dict], tokenizer, system_prompt: str | None = None, max_prompt_length: int | None = None
+    examples: list[dict],
+    tokenizer,
+    system_prompt: str | None = None,
+    max_prompt_length: int | None = None,
+    tools: list[dict] | None = None,
 ) -> list[dict]:
-    """New examples with `prompt_text` and `prompt_ids` added."""
+    """New examples with `prompt_text` and `prompt_ids` added (`tools`: schemas the template shows)."""
     prepared = []
     for index, example in enumerate(examples):
-        text = format_prompt(tokenizer, example["prompt"], system_prompt)
+        text = format_prompt(tokenizer, example["prompt"], system_prompt, tools)
         ids = encode_prompt(tokenizer, text)
         if max_prompt_length is not None and len(ids) > max_prompt_length:
             raise DataError(

@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 
-from grpo_mlx import checkpoint, data, events, reward_worker, rewards, rundir, tracking
+from grpo_mlx import checkpoint, data, episodes, events, reward_worker, rewards, rundir, tracking
 from grpo_mlx import metric_names as M
 from grpo_mlx.advantages import compute_advantages, per_completion
 from grpo_mlx.batch import make_batch
@@ -110,8 +110,10 @@ class Trainer:
         mx.random.seed(cfg.seed)
         model, tokenizer = load_model(cfg.model)
         adapter_config = add_adapters(model, cfg)
-        train = data.prepare_examples(self.train_examples, tokenizer, cfg.system_prompt, cfg.max_prompt_length)
-        held = data.prepare_examples(self.eval_examples, tokenizer, cfg.system_prompt, cfg.max_prompt_length)
+        self.agent = episodes.Agent.from_config(cfg, tokenizer)  # None without tools
+        tools = self.agent.toolbox.schemas if self.agent else None  # shown to the model by the template
+        train = data.prepare_examples(self.train_examples, tokenizer, cfg.system_prompt, cfg.max_prompt_length, tools)
+        held = data.prepare_examples(self.eval_examples, tokenizer, cfg.system_prompt, cfg.max_prompt_length, tools)
         self._assemble(model, tokenizer, train, held, adapter_config)
         self._check_context()
         data.check_token_ids(
@@ -165,6 +167,7 @@ class Trainer:
         self.model, self.tokenizer, self.adapter_config = model, tokenizer, adapter_config
         self.train_examples, self.eval_examples = train_examples, eval_examples
         self.pad_id = pad_id(tokenizer)
+        self.agent = getattr(self, "agent", None) or episodes.Agent.from_config(cfg, tokenizer)
         self.optimizer = make_optimizer(cfg)
         self.state = {"step": 0, "data_position": 0, "skipped_steps": 0}
         self._saved_step = None  # the step of the last checkpoint this process wrote
@@ -318,6 +321,9 @@ class Trainer:
 
     def sample(self, examples: list[dict], seeds: list[int]) -> Rollout:
         cfg = self.cfg
+        if self.agent:  # tools: multi-turn episodes (grpo_mlx.episodes)
+            context = getattr(self, "reward_context", None)  # the tool metrics are logged with the step's
+            return self.agent.sample(self.model, self.tokenizer, cfg, examples, seeds, context)
         return generate_groups(
             self.model,
             self.tokenizer,
