@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import functools
 import inspect
 import json
 import math
 import operator
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from grpo_mlx.errors import UserError
@@ -142,6 +144,9 @@ class Toolbox:
 
     functions: dict[str, Callable]
     timeout: float = 30.0  # seconds per call; 0 = no limit
+    # sync tools run here, not in asyncio's default executor, whose shutdown would wait for a
+    # call that timed out but is still running (a thread cannot be killed; it is left to finish)
+    pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(32, "grpo-mlx-tool"), repr=False)
 
     @classmethod
     def from_specs(cls, specs: list[str], timeout: float = 30.0) -> Toolbox:
@@ -176,7 +181,7 @@ class Toolbox:
             if inspect.iscoroutinefunction(fn):
                 work = fn(**call.arguments)
             else:  # a thread each: one slow tool does not hold up the others
-                work = asyncio.to_thread(fn, **call.arguments)
+                work = asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, **call.arguments))
             value = await (asyncio.wait_for(work, self.timeout) if self.timeout > 0 else work)
         except asyncio.TimeoutError:
             return Outcome(call.name, f"Error: {call.name} took longer than {self.timeout:g} s", True)
