@@ -102,7 +102,7 @@ class TrainConfig:
     )
     reward_functions: list = _f(
         ["accuracy"],
-        "Reward functions: built-in names (accuracy, format, format_soft, overlong, length, code), "
+        "Reward functions: built-in names (accuracy, format, format_soft, overlong, length, code, environment), "
         "file.py:function or module:function.",
     )
     reward_weights: list | None = _f(None, "Weight of each reward function (default: all 1).")
@@ -110,6 +110,12 @@ class TrainConfig:
         [],
         "Tools the model may call (multi-turn episodes): built-ins (python, calculator), file.py:function or "
         "module:function; typed functions with a Google-style docstring, as TRL takes them.",
+    )
+    environment: str | None = _f(
+        None,
+        "An environment class (file.py:Class or module:Class), TRL's environment_factory: one instance per "
+        "episode; reset(**row) -> text appended to the prompt; its public methods are tools; optional "
+        "get_reward() (the 'environment' reward) and close().",
     )
     tool_timeout: float = _f(30.0, "Seconds one tool call may take; then its error goes back to the model (0 = none).")
     max_turns: int = _f(4, "Most turns with tool calls per episode (TRL's max_tool_calling_iterations).")
@@ -318,7 +324,7 @@ OPTION_GROUPS: dict[str, tuple[str, ...]] = {
         "iters", "learning_rate", "warmup_steps", "min_lr_ratio", "weight_decay", "max_grad_norm",
         "gradient_accumulation_steps", "grad_checkpoint",
     ),
-    "tools and episodes": ("tools", "tool_timeout", "max_turns"),
+    "tools and episodes": ("tools", "environment", "tool_timeout", "max_turns"),
     "faults": ("reward_error_policy", "reward_isolation", "reward_timeout", "max_bad_steps"),
     "evaluation": ("eval_limit", "eval_split", "eval_every"),
     "logging, tracking and sharing": (
@@ -339,6 +345,7 @@ SYNONYMS: dict[str, str] = {
     "save_steps": "save_every",  # TRL
     "steps_per_eval": "eval_every",  # mlx-lm
     "max_tool_calling_iterations": "max_turns",  # TRL
+    "environment_factory": "environment",  # TRL
 }
 
 # Names that look like one of ours but mean something else: refused with the conversion.
@@ -505,6 +512,9 @@ def absolute_paths(cfg: TrainConfig) -> None:
         target, colon, attr = spec.rpartition(":")
         tools.append(f"{local_path(target)}:{attr}" if colon and target.endswith(".py") else spec)
     cfg.tools = tools
+    if cfg.environment:
+        target, colon, attr = cfg.environment.rpartition(":")
+        cfg.environment = f"{local_path(target)}:{attr}" if colon and target.endswith(".py") else cfg.environment
 
 
 # Options a resumed run may change: none of them changes what the steps compute, only how far the

@@ -21,6 +21,7 @@ appended ones, which the loss, the KL and the log-probs never use (their log-pro
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -38,7 +39,7 @@ from grpo_mlx.sampler import (
     pad_id,
     prefill_groups,
 )
-from grpo_mlx.tools import Toolbox, parse_calls
+from grpo_mlx.tools import Toolbox, environment_tools, parse_calls, resolve_environment, run_calls, tool_schema
 
 SENTINEL = "Zq7Xw"  # the dummy assistant text whose end marks where the model's own turn ends
 DUMMY = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": SENTINEL}]
@@ -113,7 +114,7 @@ def generate_episodes(
     prompts: list[list[int]],
     group_size: int,
     max_tokens: int,
-    toolbox: Toolbox,
+    toolbox: Toolbox | list[Toolbox],
     renderer: ResultRenderer,
     max_turns: int = 4,
     temperature: float = 1.0,
@@ -125,7 +126,8 @@ def generate_episodes(
     force=None,
 ) -> tuple[Rollout, EpisodeStats]:
     """B*G episodes of at most `max_tokens` completion tokens (model and tool results) and at
-    most `max_turns` turns with tool calls. Returns the Rollout (env_mask on the appended tokens)
+    most `max_turns` turns with tool calls (`toolbox`: one for all, or one per episode, whose
+    environment's methods it holds). Returns the Rollout (env_mask on the appended tokens)
     and each row's EpisodeStats. `force(episodes (n,), positions (n,)) -> (n,)` scripts the
     policy (tests, demos): a token id >= 0 replaces the sampled one (with its log-probability
     under the model), -1 keeps it."""
@@ -155,7 +157,8 @@ def generate_episodes(
         cache, rows, y, spans = ep.decode_turns(model, cache, rows, y, pick)
         tb = time.perf_counter()
         calls_of = ep.end_turns(phase_rows, renderer)
-        feeds = ep.append_results(calls_of, toolbox.run([c for r in calls_of for c in calls_of[r]]), renderer)
+        box = toolbox if isinstance(toolbox, list) else [toolbox] * ep.n
+        feeds = ep.append_results(calls_of, run_calls([(box[r], c) for r in calls_of for c in calls_of[r]]), renderer)
         if feeds:
             spans.update(_spans(cache, rows, [b for b, r in enumerate(rows) if r in feeds and r not in spans],
                                 ep.cached))  # fmt: skip
@@ -386,30 +389,106 @@ def _continue(body, spans, cached, feeds):
 
 @dataclass
 class Agent:
-    """A run's tools and episode settings; `sample` is the trainer's sampler when tools are set."""
+    """A run's tools, environment and episode settings; `sample` is the trainer's sampler when
+    tools or an environment are set."""
 
     toolbox: Toolbox
     renderer: ResultRenderer
     max_turns: int
+    environment: Callable | None = None  # TRL's environment_factory: a class, one instance per episode
+    system_prompt: str | None = None
+    live: dict = field(default_factory=dict)  # id(rollout) -> its episodes' environments, until scored
 
     @classmethod
     def from_config(cls, cfg, tokenizer, toolbox: Toolbox | None = None) -> Agent | None:
-        """None without tools (the single-turn sampler is used, unchanged)."""
-        if not cfg.tools and toolbox is None:
+        """None without tools or an environment (the single-turn sampler is used, unchanged)."""
+        if not cfg.tools and not cfg.environment and toolbox is None:
             return None
         toolbox = toolbox or Toolbox.from_specs(cfg.tools, cfg.tool_timeout)
-        return cls(toolbox, ResultRenderer(tokenizer, toolbox.schemas), cfg.max_turns)
+        env = resolve_environment(cfg.environment) if cfg.environment else None
+        schemas = toolbox.schemas
+        if env is not None:  # one instance tells the tools (and checks they have schemas)
+            probe = env()
+            try:
+                schemas = schemas + [
+                    tool_schema(fn, f"{cfg.environment}.{n}") for n, fn in environment_tools(probe).items()
+                ]
+            finally:
+                _close([probe])
+        return cls(toolbox, ResultRenderer(tokenizer, schemas), cfg.max_turns, env, cfg.system_prompt)
+
+    @property
+    def schemas(self) -> list[dict]:
+        """Every tool's schema, for the chat template's `tools=`."""
+        return self.renderer.schemas
 
     def sample(self, model, tokenizer, cfg, examples: list[dict], seeds, context=None) -> Rollout:
+        """The episodes of `examples` (G each). With an environment, an example whose reset
+        returned text is replaced in `examples` by one whose prompt ends with that text."""
+        boxes, envs = self.toolbox, None
+        if self.environment is not None:
+            envs = [self.environment() for _ in range(len(examples) * cfg.group_size)]
+            try:
+                self._reset(envs, examples, tokenizer, cfg.group_size)
+            except BaseException:
+                _close(envs)
+                raise
+            box = self.toolbox
+            boxes = [Toolbox({**box.functions, **environment_tools(e)}, box.timeout, box.pool) for e in envs]
         roll, stats = generate_episodes(
             model, tokenizer, [ex["prompt_ids"] for ex in examples], cfg.group_size, cfg.max_completion_length,
-            self.toolbox, self.renderer, self.max_turns, cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p,
+            boxes, self.renderer, self.max_turns, cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p,
             seeds=seeds,
         )  # fmt: skip
+        if envs is not None:
+            self.live[id(roll)] = envs
         if context is not None:  # logged with the step's metrics (rewards' log_metric channel)
             for name, value in episode_metrics(stats).items():
                 context.log_metric(name, value)
         return roll
+
+    def _reset(self, envs: list, examples: list[dict], tokenizer, G: int) -> None:
+        from grpo_mlx import data
+
+        for b, ex in enumerate(examples):
+            row = {k: v for k, v in ex.items() if k not in ("prompt_text", "prompt_ids")}
+            seen = [envs[b * G + g].reset(**row) for g in range(G)]
+            if not any(seen):
+                continue
+            if len(set(seen)) > 1:  # a group's episodes share one prompt (one prefill, one baseline)
+                raise UserError(
+                    f"environment reset() returned different texts for the {G} episodes of one prompt "
+                    f"({seen[0]!r:.60} and {next(s for s in seen if s != seen[0])!r:.60}); GRPO compares the "
+                    "episodes of one prompt: make reset depend only on the row (seed it from the row)"
+                )
+            prompt = ex["prompt"]
+            if isinstance(prompt, str):
+                prompt = prompt + seen[0]
+            else:  # appended to the last message, as TRL does
+                prompt = [*prompt[:-1], {**prompt[-1], "content": prompt[-1]["content"] + seen[0]}]
+            text = data.format_prompt(tokenizer, prompt, self.system_prompt, self.schemas)
+            examples[b] = {
+                **ex,
+                "prompt": prompt,
+                "prompt_text": text,
+                "prompt_ids": data.encode_prompt(tokenizer, text),
+            }
+
+    def reward_columns(self, roll: Rollout) -> dict | None:
+        """The keywords rewards get besides the dataset's: `environments`, one per episode."""
+        envs = self.live.get(id(roll))
+        return None if envs is None else {"environments": envs}
+
+    def release(self, roll: Rollout) -> None:
+        """Close the episodes' environments (once scored)."""
+        _close(self.live.pop(id(roll), []))
+
+
+def _close(envs: list) -> None:
+    for env in envs:
+        close = getattr(env, "close", None)
+        if callable(close):
+            close()
 
 
 def episode_metrics(stats: EpisodeStats) -> dict[str, float]:

@@ -163,12 +163,7 @@ class Toolbox:
 
     def run(self, calls: list[Call]) -> list[Outcome]:
         """Every call of a turn (of every row), concurrently; results in order."""
-        if not calls:
-            return []
-        return asyncio.run(self._run_all(calls))
-
-    async def _run_all(self, calls: list[Call]) -> list[Outcome]:
-        return list(await asyncio.gather(*(self._run_one(c) for c in calls)))
+        return run_calls([(self, c) for c in calls])
 
     async def _run_one(self, call: Call) -> Outcome:
         if call.parse_error:
@@ -188,6 +183,33 @@ class Toolbox:
         except Exception as e:  # the model sees what went wrong, as it would from a real tool
             return Outcome(call.name, f"Error: {type(e).__name__}: {e}", True)
         return Outcome(call.name, value if isinstance(value, str) else json.dumps(value, default=str), False)
+
+
+def run_calls(pairs: list[tuple[Toolbox, Call]]) -> list[Outcome]:
+    """Calls, each on its own toolbox (an episode's environment), all concurrently; in order."""
+    if not pairs:
+        return []
+
+    async def together():
+        return list(await asyncio.gather(*(box._run_one(call) for box, call in pairs)))
+
+    return asyncio.run(together())
+
+
+NOT_TOOLS = ("reset", "get_reward", "close")  # the environment contract's own methods
+
+
+def environment_tools(env) -> dict[str, Callable]:
+    """An environment's tools: its public methods besides reset, get_reward and close (TRL's rule)."""
+    names = [n for n in dir(type(env)) if not n.startswith("_") and n not in NOT_TOOLS]
+    return {n: getattr(env, n) for n in names if callable(getattr(env, n))}
+
+
+def resolve_environment(spec: str):
+    """The environment class (or factory) a spec names: `file.py:Class` or `module:Class`."""
+    from grpo_mlx.rewards.loading import load_callable
+
+    return load_callable(spec, kind="environment", error=ToolSpecError, what="class")[1]
 
 
 def parse_calls(text: str, start: str, end: str, parser: Callable, schemas: list[dict]) -> list[Call]:

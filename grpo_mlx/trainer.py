@@ -111,7 +111,7 @@ class Trainer:
         model, tokenizer = load_model(cfg.model)
         adapter_config = add_adapters(model, cfg)
         self.agent = episodes.Agent.from_config(cfg, tokenizer)  # None without tools
-        tools = self.agent.toolbox.schemas if self.agent else None  # shown to the model by the template
+        tools = self.agent.schemas if self.agent else None  # shown to the model by the template
         train = data.prepare_examples(self.train_examples, tokenizer, cfg.system_prompt, cfg.max_prompt_length, tools)
         held = data.prepare_examples(self.eval_examples, tokenizer, cfg.system_prompt, cfg.max_prompt_length, tools)
         self._assemble(model, tokenizer, train, held, adapter_config)
@@ -346,9 +346,15 @@ class Trainer:
         """Rewards of every completion, TRL-style: prompts and completions repeated per row,
         every extra dataset column passed by name; what the functions log goes to `context`
         (default: the step's)."""
-        return rewards.score_examples(self.reward_fns, examples, roll.texts, roll.completion_ids,
-                                      weights=self.cfg.reward_weights, timeout=self.cfg.reward_timeout,
-                                      context=context or getattr(self, "reward_context", None))  # fmt: skip
+        agent = getattr(self, "agent", None)
+        try:  # an episode's environments (--environment) are passed to the rewards, then closed
+            return rewards.score_examples(self.reward_fns, examples, roll.texts, roll.completion_ids,
+                                          weights=self.cfg.reward_weights, timeout=self.cfg.reward_timeout,
+                                          context=context or getattr(self, "reward_context", None),
+                                          row_columns=agent.reward_columns(roll) if agent else None)  # fmt: skip
+        finally:
+            if agent:
+                agent.release(roll)
 
     def evaluate(self, examples: list[dict]) -> dict:
         """Greedy held-out figures: exact-answer accuracy (when answers exist) and mean reward."""

@@ -247,3 +247,104 @@ def test_agent_is_none_without_tools():
     from grpo_mlx.config import build_config
 
     assert Agent.from_config(build_config({}), tokenizer=None) is None
+
+
+WALLET = '''
+import random
+
+
+class Wallet:
+    """A tiny environment: reset reads the row, deposit is its tool, get_reward checks the balance."""
+
+    instances = []
+
+    def __init__(self):
+        self.balance, self.closed = 0, False
+        Wallet.instances.append(self)
+
+    def reset(self, **row):
+        self.target = int(row["answer"])
+        return RESET_TEXT()
+
+    def deposit(self, amount: int) -> str:
+        """Put money in the wallet.
+
+        Args:
+            amount: How much to put in.
+        """
+        self.balance += amount
+        return f"balance {self.balance}"
+
+    def get_reward(self):
+        return float(self.balance == self.target)
+
+    def close(self):
+        self.closed = True
+
+
+def RESET_TEXT():
+    return " (You have a wallet.)"
+
+
+class Moody(Wallet):
+    def reset(self, **row):
+        super().reset(**row)
+        return random.choice([" a", " b", " c", " d", " e", " f"])
+'''
+DEPOSIT = '<tool_call>\n{"name": "deposit", "arguments": {"amount": 5}}\n</tool_call>'
+
+
+def env_trainer(setup, tmp_path, cls):
+    from grpo_mlx import data
+    from grpo_mlx.config import build_config
+    from grpo_mlx.policy import add_adapters
+    from grpo_mlx.testing import build_random_model
+    from grpo_mlx.trainer import Trainer
+
+    tok = setup[0]
+    (tmp_path / "wallet_env.py").write_text(WALLET)
+    mx.random.seed(2)
+    model, _ = build_random_model(f"tiny:vocab_size={len(tok.vocab)}")
+    cfg = build_config({"batch_size": 2, "group_size": 2, "eval_limit": 0, "max_completion_length": 96,
+                        "environment_factory": f"{tmp_path / 'wallet_env.py'}:{cls}",
+                        "reward_functions": ["environment"], "adapter_path": str(tmp_path / "run")})  # fmt: skip
+    adapter_config = add_adapters(model, cfg)
+    t = Trainer.from_parts(cfg, model, tok, [], adapter_config=adapter_config)
+    rows = [{"prompt": "Put 5 in.", "answer": "5"}, {"prompt": "Make it 5.", "answer": "5"}]
+    t.train_examples = data.prepare_examples(rows, tok, tools=t.agent.schemas)
+    return t
+
+
+def test_an_environment_per_episode_gives_tools_prompt_text_and_rewards(setup, tmp_path, monkeypatch):
+    from grpo_mlx import metric_names as M
+
+    tok = setup[0]
+    t = env_trainer(setup, tmp_path, "Wallet")
+    assert "deposit" in t.train_examples[0]["prompt_text"] and t.agent.environment.instances[-1].closed  # the probe
+    t.agent.environment.instances.clear()
+    answer = ids(tok, " done") + [eos(tok)]
+    real = episodes.generate_episodes
+    seen = {}
+
+    def spy(model, tokenizer, prompts, *a, **k):
+        seen["prompts"] = [tokenizer.decode(p) for p in prompts]
+        return real(model, tokenizer, prompts, *a, **k, force=script([[ids(tok, DEPOSIT), answer]] + [[answer]] * 3))
+
+    monkeypatch.setattr(episodes, "generate_episodes", spy)
+    metrics = t.train_step(0)
+    envs = t.agent.environment.instances
+    assert len(envs) == 4 and all(e.closed for e in envs) and not t.agent.live
+    assert all(p.rstrip().endswith("(You have a wallet.)<|im_end|><|im_start|>assistant") for p in seen["prompts"])
+    assert [e.balance for e in envs] == [5, 0, 0, 0] and {e.target for e in envs} == {5}  # reset read the row
+    assert metrics[M.REWARD] == 0.25  # the mean of the episodes' get_reward()
+    assert metrics["tools/calls"] == 0.25 and metrics["tools/errors"] == 0.0
+
+
+def test_an_environment_whose_reset_differs_within_a_group_is_refused(setup, tmp_path):
+    from grpo_mlx.errors import UserError
+
+    t = env_trainer(setup, tmp_path, "Moody")
+    mx.random.seed(0)
+    with pytest.raises(UserError, match="different texts"):
+        t.sample(list(t.train_examples), [0, 1])
+    assert all(e.closed for e in t.agent.environment.instances)

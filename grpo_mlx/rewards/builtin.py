@@ -163,6 +163,17 @@ def code_reward(**options) -> RewardFn:
     return _needs(make(**chosen), chosen.get("tests_column", "tests"))
 
 
+def environment_reward(**_) -> RewardFn:
+    """Each episode's environment's `get_reward()` (an `--environment` with that method)."""
+
+    def environment(prompts, completions, environments=None, **kwargs):
+        if environments is None:
+            raise ValueError("the 'environment' reward needs --environment (a class with get_reward())")
+        return [env.get_reward() for env in environments]
+
+    return environment
+
+
 BUILTIN_REWARDS: dict[str, Callable[..., RewardFn]] = {
     "accuracy": accuracy_reward,
     "format": format_reward,
@@ -171,4 +182,5 @@ BUILTIN_REWARDS: dict[str, Callable[..., RewardFn]] = {
     "length": length_reward,
     "code": code_reward,
     "digit_steps": digit_steps_reward,
+    "environment": environment_reward,
 }
