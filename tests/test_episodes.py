@@ -348,3 +348,40 @@ def test_an_environment_whose_reset_differs_within_a_group_is_refused(setup, tmp
     with pytest.raises(UserError, match="different texts"):
         t.sample(list(t.train_examples), [0, 1])
     assert all(e.closed for e in t.agent.environment.instances)
+
+
+def test_the_real_sampler_runs_an_episode_a_rigged_model_writes(setup):
+    """No scripted picks: a model whose logits favour, by position, the tokens of a known episode
+    (call, the calculator's result as the template appends it, an answer, EOS). The sampler
+    itself draws the call, the loop runs it, appends the result and the model answers."""
+    import mlx.nn as nn
+
+    tok, model, box, renderer, prompt = setup
+    call = ids(tok, CALL)
+    suffix = ids(tok, renderer.suffix([("calculator", "5")], ended_with=call[-1]))
+    answer = ids(tok, " It is 5.") + [eos(tok)]
+    target = prompt + call + suffix + answer
+
+    class Rigged(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        @property
+        def layers(self):  # what mlx-lm's make_prompt_cache reads
+            return self.inner.layers
+
+        def __call__(self, x, cache=None):
+            logits = self.inner(x, cache=cache)  # (n, L, V)
+            offset = np.asarray(cache[0].offset)  # (n,) tokens each row holds: the next one's position
+            want = np.array([target[min(int(o), len(target) - 1)] for o in offset])  # (n,)
+            bias = np.zeros((len(want), 1, logits.shape[-1]), np.float32)
+            bias[np.arange(len(want)), 0, want] = 40.0
+            return logits + mx.array(bias)
+
+    roll, stats = generate_episodes(Rigged(model), tok, [prompt], 3, 120, box, renderer, temperature=1.0, seeds=[5])
+    for r in range(3):
+        assert roll.tokens[r, : roll.lengths[r]].tolist() == call + suffix + answer
+        assert roll.env_mask[r].sum() == len(suffix) and roll.finish_reasons[r] == "stop"
+    assert stats.calls.tolist() == [1, 1, 1] and stats.errors.tolist() == [0, 0, 0]
+    assert roll.texts[0].endswith("It is 5.")
