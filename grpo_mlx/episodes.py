@@ -360,6 +360,23 @@ def _spans(cache, rows, batch_rows, cached) -> dict:
     return out
 
 
+def _merge(parts: list, batch_cache_type):
+    """One layer's batch cache of single-row caches, left-padded to the longest: one
+    concatenation (BatchKVCache.merge writes row by row, a copy of the whole buffer each)."""
+    width = max(p.offset for p in parts)
+    pads = [width - p.offset for p in parts]
+
+    def padded(x, pad):  # (1, H, L, D) -> (1, H, width, D)
+        return mx.pad(x, [(0, 0), (0, 0), (pad, 0), (0, 0)]) if pad else x
+
+    cache = batch_cache_type(pads)
+    cache.keys = mx.concatenate([padded(p.keys, k) for p, k in zip(parts, pads)])  # (n, H, width, D)
+    cache.values = mx.concatenate([padded(p.values, k) for p, k in zip(parts, pads)])  # (n, H, width, D)
+    cache.offset += width
+    cache._idx = width
+    return cache
+
+
 def _continue(body, spans, cached, feeds):
     """The batch cache of the episodes in `feeds` (episode -> tokens to append) from their real
     entries (`spans`), the appended tokens but the last prefilled in one right-padded forward.
@@ -367,7 +384,7 @@ def _continue(body, spans, cached, feeds):
     from mlx_lm.models.cache import BatchKVCache
 
     keep = sorted(feeds)
-    layers = [BatchKVCache.merge([spans[r][i] for r in keep]) for i in range(len(spans[keep[0]]))]
+    layers = [_merge([spans[r][i] for r in keep], BatchKVCache) for i in range(len(spans[keep[0]]))]
     lengths = [len(feeds[r]) - 1 for r in keep]
     width = max(lengths)
     if width > 0:
