@@ -385,3 +385,15 @@ def test_the_real_sampler_runs_an_episode_a_rigged_model_writes(setup):
         assert roll.env_mask[r].sum() == len(suffix) and roll.finish_reasons[r] == "stop"
     assert stats.calls.tolist() == [1, 1, 1] and stats.errors.tolist() == [0, 0, 0]
     assert roll.texts[0].endswith("It is 5.")
+
+
+def test_the_environment_reward_does_not_apply_without_episodes():
+    from grpo_mlx.rewards import resolve_reward
+
+    class Env:
+        def get_reward(self):
+            return 0.5
+
+    _, fn = resolve_reward("environment")
+    assert fn(prompts=["p"] * 2, completions=["a", "b"]) == [None, None]  # a single-turn evaluation
+    assert fn(prompts=["p"] * 2, completions=["a", "b"], environments=[Env(), Env()]) == [0.5, 0.5]

@@ -167,8 +167,8 @@ def environment_reward(**_) -> RewardFn:
     """Each episode's environment's `get_reward()` (an `--environment` with that method)."""
 
     def environment(prompts, completions, environments=None, **kwargs):
-        if environments is None:
-            raise ValueError("the 'environment' reward needs --environment (a class with get_reward())")
+        if environments is None:  # completions sampled without episodes (held-out evaluation): not applicable
+            return [None] * len(completions)
         return [env.get_reward() for env in environments]
 
     return environment
