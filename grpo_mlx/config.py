@@ -120,10 +120,24 @@ class TrainConfig:
     )
     reward_functions: list = _f(
         ["accuracy"],
-        "Reward functions: built-in names (accuracy, format, format_soft, overlong, length, code, judge), "
+        "Reward functions: built-in names (accuracy, format, format_soft, overlong, length, code, judge, "
+        "environment), "
         "file.py:function or module:function.",
     )
     reward_weights: list | None = _f(None, "Weight of each reward function (default: all 1).")
+    tools: list = _f(
+        [],
+        "Tools the model may call (multi-turn episodes): built-ins (python, calculator), file.py:function or "
+        "module:function; typed functions with a Google-style docstring, as TRL takes them.",
+    )
+    environment: str | None = _f(
+        None,
+        "An environment class (file.py:Class or module:Class), TRL's environment_factory: one instance per "
+        "episode; reset(**row) -> text appended to the prompt; its public methods are tools; optional "
+        "get_reward() (the 'environment' reward) and close().",
+    )
+    tool_timeout: float = _f(30.0, "Seconds one tool call may take; then its error goes back to the model (0 = none).")
+    max_turns: int = _f(4, "Most turns with tool calls per episode (TRL's max_tool_calling_iterations).")
     scale_rewards: str = _f("group", "Advantage scaling: group (z-score in group), batch (batch std), none (Dr. GRPO).")
     loss_type: str = _f(
         "grpo",
@@ -364,6 +378,7 @@ OPTION_GROUPS: dict[str, tuple[str, ...]] = {
         "judge_model", "judge_rubric", "judge_mode", "judge_scale", "judge_max_tokens", "judge_temperature",
         "judge_concurrency", "judge_timeout", "judge_retries", "judge_api_key_env",
     ),
+    "tools and episodes": ("tools", "environment", "tool_timeout", "max_turns"),
     "faults": ("reward_error_policy", "reward_isolation", "reward_timeout", "max_bad_steps"),
     "evaluation": ("eval_limit", "eval_split", "eval_every"),
     "logging, tracking and sharing": (
@@ -383,6 +398,8 @@ SYNONYMS: dict[str, str] = {
     "gradient_checkpointing": "grad_checkpoint",  # TRL
     "save_steps": "save_every",  # TRL
     "steps_per_eval": "eval_every",  # mlx-lm
+    "max_tool_calling_iterations": "max_turns",  # TRL
+    "environment_factory": "environment",  # TRL
 }
 
 # Names that look like one of ours but mean something else: refused with the conversion.
@@ -555,6 +572,14 @@ def absolute_paths(cfg: TrainConfig) -> None:
         target, colon, attr = spec.rpartition(":")
         specs.append(f"{local_path(target)}:{attr}" if colon and target.endswith(".py") else spec)
     cfg.reward_functions = specs
+    tools = []
+    for spec in cfg.tools:
+        target, colon, attr = spec.rpartition(":")
+        tools.append(f"{local_path(target)}:{attr}" if colon and target.endswith(".py") else spec)
+    cfg.tools = tools
+    if cfg.environment:
+        target, colon, attr = cfg.environment.rpartition(":")
+        cfg.environment = f"{local_path(target)}:{attr}" if colon and target.endswith(".py") else cfg.environment
 
 
 # Options a resumed run may change: none of them changes what the steps compute, only how far the
@@ -791,6 +816,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.reward_error_policy in ("stop", "skip"), "reward_error_policy", "must be stop or skip")
     need(cfg.reward_timeout >= 0, "reward_timeout", "must be >= 0")
     need(cfg.max_bad_steps >= 1, "max_bad_steps", "must be at least 1")
+    need(cfg.max_turns >= 1, "max_turns", "must be at least 1")
+    need(cfg.tool_timeout >= 0, "tool_timeout", "must be >= 0")
     need(cfg.max_resample_rounds >= 0, "max_resample_rounds", "must be >= 0")
     need(cfg.max_prompt_length is None or cfg.max_prompt_length >= 1, "max_prompt_length", "must be at least 1")
     need(cfg.loss_type in LOSS_TYPES, "loss_type", f"must be one of {', '.join(LOSS_TYPES)}")

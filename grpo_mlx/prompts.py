@@ -73,10 +73,12 @@ def render_prompt(
     chat_template_kwargs: dict | None = None,
     ignore_chat_template: bool = False,
     markers: list[str] | None = None,
+    tools: list[dict] | None = None,
 ) -> str:
     """The model's input text for a prompt (a string or a list of chat messages), by the rules
     in this module's docstring. `markers`: template_markers(tokenizer), computed once by callers
-    that render many prompts."""
+    that render many prompts. `tools`: the tools' JSON schemas, for the template to show the
+    model (its `tools=` argument)."""
     templated = has_chat_template(tokenizer)
     if isinstance(prompt, str):
         if templated and is_rendered(prompt, template_markers(tokenizer) if markers is None else markers):
@@ -91,6 +93,8 @@ def render_prompt(
         body = "\n".join(m["content"] for m in messages if m["role"] != "system")
         return f"{system}\n\n{body}" if system else body
     kwargs = dict(chat_template_kwargs or {})
+    if tools:
+        kwargs["tools"] = tools  # only when set: stand-in tokenizers need not take the keyword
     try:
         return _apply(tokenizer, messages, kwargs)
     except Exception:
@@ -134,14 +138,15 @@ def prepare_examples(
     *,
     chat_template_kwargs: dict | None = None,
     ignore_chat_template: bool = False,
+    tools: list[dict] | None = None,
 ) -> list[dict]:
-    """New examples with `prompt_text` and `prompt_ids` added."""
+    """New examples with `prompt_text` and `prompt_ids` added (`tools`: schemas the template shows)."""
     markers = template_markers(tokenizer)
     prepared = []
     for index, example in enumerate(examples):
         try:
             text = render_prompt(
-                tokenizer, example["prompt"], system_prompt, chat_template_kwargs, ignore_chat_template, markers
+                tokenizer, example["prompt"], system_prompt, chat_template_kwargs, ignore_chat_template, markers, tools
             )
         except UserError:
             raise

@@ -51,10 +51,12 @@ class Rollout:
     decode_time: float = 0.0  # seconds spent decoding (sampling included, text decoding not)
     decode_steps: int = 0  # decode steps run (batch forwards)
     entropy: np.ndarray | None = None  # (N, T) entropy of the sampling distribution at each token
+    env_mask: np.ndarray | None = None  # (N, T) True on tokens an episode appended (tool results), never trained on
 
     @property
     def mask(self) -> np.ndarray:
-        return np.arange(self.tokens.shape[1])[None] < self.lengths[:, None]  # (N, T)
+        mask = np.arange(self.tokens.shape[1])[None] < self.lengths[:, None]  # (N, T)
+        return mask if self.env_mask is None else mask & ~self.env_mask  # (N, T) the model's own tokens
 
     @property
     def completion_ids(self) -> list[list[int]]:
@@ -71,6 +73,7 @@ class Rollout:
             self.texts[rows],
             prompt_tokens,
             entropy=None if self.entropy is None else self.entropy[rows],
+            env_mask=None if self.env_mask is None else self.env_mask[rows],
         )
 
     @staticmethod
@@ -91,6 +94,11 @@ class Rollout:
             entropy=None
             if any(p.entropy is None for p in parts)
             else np.concatenate([pad(p.entropy, 0.0) for p in parts]),
+            env_mask=None
+            if all(p.env_mask is None for p in parts)
+            else np.concatenate(
+                [pad(p.env_mask if p.env_mask is not None else np.zeros(p.tokens.shape, bool), False) for p in parts]
+            ),  # fmt: skip
         )
 
 

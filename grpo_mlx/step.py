@@ -398,6 +398,7 @@ def step_metrics(
     clipped = world.gather(np.array([r == "length" for r in batch.rollout.finish_reasons], dtype=np.float32))
     entropy = batch.rollout.entropy
     entropy = None if entropy is None else world.gather(entropy.sum(axis=1))  # (N,) per completion
+    own_tokens = world.gather(batch.rollout.mask.sum(axis=1))  # (N,) the model's tokens (no tool results)
     per_fn = {k: world.gather(v) for k, v in batch.rewards.per_function.items()}
     B = len(shown) // G
     n_gen = int(lengths.sum())
@@ -412,7 +413,7 @@ def step_metrics(
         M.MIN_LENGTH: int(lengths.min()),
         M.MAX_LENGTH: int(lengths.max()),
         M.CLIPPED_RATIO: float(clipped.mean()),
-        **({} if entropy is None else {M.ENTROPY: float(entropy.sum() / max(lengths.sum(), 1))}),
+        **({} if entropy is None else {M.ENTROPY: float(entropy.sum() / max(own_tokens.sum(), 1))}),
         M.NUM_TOKENS: n_gen,
         M.STEP_TIME: step_time,
         M.TOKENS_PER_SECOND: n_gen / max(timing["rollout"], 1e-9),

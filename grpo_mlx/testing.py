@@ -193,3 +193,61 @@ def save_tokenizer_dir(path, chat_template: str | None = CHATML, think_tokens: b
     """A model directory holding only tokenizer files: what `train --dry-run` needs of a model."""
     build_bpe_tokenizer(chat_template, think_tokens).save_pretrained(str(path))
     return str(path)
+
+
+# A ChatML template with tools, in the shape of Qwen2.5's: mlx-lm infers the `json_tools`
+# parser from it (it holds `<tool_call>` and `tool_call.name`).
+TOOL_CHAT_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n{% if messages[0].role == 'system' %}{{ messages[0].content }}\n\n"
+    "{% endif %}# Tools\n<tools>\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>\n"
+    'Call a tool with <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>\n'
+    "{%- elif messages[0].role == 'system' %}<|im_start|>system\n{{ messages[0].content }}<|im_end|>\n"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'system' %}"
+    "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n"
+    "</tool_response><|im_end|>\n"
+    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}"
+    "{%- for tool_call in message.tool_calls or [] %}<tool_call>\n"
+    '{"name": "{{ tool_call.name }}", "arguments": {{ tool_call.arguments | tojson }}}\n</tool_call>'
+    "{%- endfor %}<|im_end|>\n"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TOOL_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"]
+
+
+def build_tool_tokenizer(path, corpus: list[str] | None = None, vocab_size: int = 400):
+    """A byte-level BPE tokenizer trained on `corpus`, with ChatML special tokens and the tool
+    template above, saved in `path` and loaded as mlx-lm loads a model's (a TokenizerWrapper
+    with a tool parser)."""
+    from pathlib import Path
+
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = (
+        corpus
+        or [
+            "What is 12 + 30? <tool_call>\n",
+            '{"name": "calculator", "arguments": {"expression": "12 + 30"}}\n</tool_call>',
+            "<tool_response>\n42\n</tool_response> The answer is 42. system user assistant Tools tools",
+            "Evaluate an arithmetic expression. numbers parentheses function description parameters type string",
+        ]
+        * 4
+    )
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=TOOL_SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=TOOL_CHAT_TEMPLATE
+    )
+    path = Path(path)
+    fast.save_pretrained(str(path))
+    return load_tokenizer(path)

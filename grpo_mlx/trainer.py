@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 
-from grpo_mlx import checkpoint, data, events, judge, prompts, reward_worker, rewards, rundir, tracking
+from grpo_mlx import checkpoint, data, episodes, events, judge, prompts, reward_worker, rewards, rundir, tracking
 from grpo_mlx import metric_names as M
 from grpo_mlx.advantages import compute_advantages, per_completion
 from grpo_mlx.batch import make_batch
@@ -105,8 +105,10 @@ class Trainer:
         mx.random.seed(cfg.seed)
         model, tokenizer = load_model(cfg.model)
         adapter_config = add_adapters(model, cfg)
-        train = prompts.prepare_examples(self.train_examples, tokenizer, **prompts.options(cfg))
-        held = prompts.prepare_examples(self.eval_examples, tokenizer, **prompts.options(cfg))
+        self.agent = episodes.Agent.from_config(cfg, tokenizer)  # None without tools
+        tools = self.agent.schemas if self.agent else None  # shown to the model by the template
+        train = prompts.prepare_examples(self.train_examples, tokenizer, **prompts.options(cfg), tools=tools)
+        held = prompts.prepare_examples(self.eval_examples, tokenizer, **prompts.options(cfg), tools=tools)
         self._assemble(model, tokenizer, train, held, adapter_config)
         self._check_context()
         data.check_token_ids(
@@ -157,6 +159,7 @@ class Trainer:
         self.train_examples, self.eval_examples = train_examples, eval_examples
         self.pad_id = pad_id(tokenizer)
         judge.bind_judges(self.reward_fns, model, tokenizer, self.run_dir, cfg.group_size)  # the judge reward's model
+        self.agent = getattr(self, "agent", None) or episodes.Agent.from_config(cfg, tokenizer)
         self.optimizer = make_optimizer(cfg)
         self.state = {"step": 0, "data_position": 0, "skipped_steps": 0}
         self._saved_step = None  # the step of the last checkpoint this process wrote
@@ -310,6 +313,9 @@ class Trainer:
 
     def sample(self, examples: list[dict], seeds: list[int]) -> Rollout:
         cfg = self.cfg
+        if self.agent:  # tools: multi-turn episodes (grpo_mlx.episodes)
+            context = getattr(self, "reward_context", None)  # the tool metrics are logged with the step's
+            return self.agent.sample(self.model, self.tokenizer, cfg, examples, seeds, context)
         return generate_groups(
             self.model,
             self.tokenizer,
@@ -332,9 +338,15 @@ class Trainer:
         """Rewards of every completion, TRL-style: prompts and completions repeated per row,
         every extra dataset column passed by name; what the functions log goes to `context`
         (default: the step's)."""
-        return rewards.score_examples(self.reward_fns, examples, roll.texts, roll.completion_ids,
-                                      weights=self.cfg.reward_weights, timeout=self.cfg.reward_timeout,
-                                      context=context or getattr(self, "reward_context", None))  # fmt: skip
+        agent = getattr(self, "agent", None)
+        try:  # an episode's environments (--environment) are passed to the rewards, then closed
+            return rewards.score_examples(self.reward_fns, examples, roll.texts, roll.completion_ids,
+                                          weights=self.cfg.reward_weights, timeout=self.cfg.reward_timeout,
+                                          context=context or getattr(self, "reward_context", None),
+                                          row_columns=agent.reward_columns(roll) if agent else None)  # fmt: skip
+        finally:
+            if agent:
+                agent.release(roll)
 
     def evaluate(self, examples: list[dict]) -> dict:
         """Greedy held-out figures: exact-answer accuracy (when answers exist) and mean reward."""

@@ -171,6 +171,17 @@ def judge_reward(**options) -> RewardFn:
     return make(**options)
 
 
+def environment_reward(**_) -> RewardFn:
+    """Each episode's environment's `get_reward()` (an `--environment` with that method)."""
+
+    def environment(prompts, completions, environments=None, **kwargs):
+        if environments is None:  # completions sampled without episodes (held-out evaluation): not applicable
+            return [None] * len(completions)
+        return [env.get_reward() for env in environments]
+
+    return environment
+
+
 BUILTIN_REWARDS: dict[str, Callable[..., RewardFn]] = {
     "accuracy": accuracy_reward,
     "format": format_reward,
@@ -180,4 +191,5 @@ BUILTIN_REWARDS: dict[str, Callable[..., RewardFn]] = {
     "code": code_reward,
     "digit_steps": digit_steps_reward,
     "judge": judge_reward,
+    "environment": environment_reward,
 }

@@ -16,15 +16,15 @@ from grpo_mlx.rewards.errors import RewardSpecError
 # Resolving a spec: "accuracy", "path/to/file.py:fn" or "package.module:fn"
 
 
-def _load_failure(spec: str, what: str, e: Exception) -> RewardSpecError:
+def _load_failure(spec: str, what: str, e: Exception, kind: str = "reward", error=RewardSpecError) -> Exception:
     if isinstance(e, SyntaxError):  # name the file that is broken, which may be a helper it imports
-        return RewardSpecError(f"reward {spec!r}: syntax error in {e.filename} line {e.lineno}: {e.msg}")
-    return RewardSpecError(f"reward {spec!r}: cannot import {what}: {type(e).__name__}: {e}")
+        return error(f"{kind} {spec!r}: syntax error in {e.filename} line {e.lineno}: {e.msg}")
+    return error(f"{kind} {spec!r}: cannot import {what}: {type(e).__name__}: {e}")
 
 
-def _load_file(spec: str, path: Path):
+def _load_file(spec: str, path: Path, kind: str = "reward", error=RewardSpecError):
     if not path.is_file():
-        raise RewardSpecError(f"reward {spec!r}: file not found: {path}")
+        raise error(f"{kind} {spec!r}: file not found: {path}")
     name = f"grpo_mlx_reward_{path.stem}_{abs(hash(str(path.resolve())))}"
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)
@@ -35,13 +35,13 @@ def _load_file(spec: str, path: Path):
         module_spec.loader.exec_module(module)
     except Exception as e:
         sys.modules.pop(name, None)
-        raise _load_failure(spec, f"file {str(path)!r}", e) from e
+        raise _load_failure(spec, f"file {str(path)!r}", e, kind, error) from e
     finally:
         sys.path.remove(folder)
     return module
 
 
-def _import_module(spec: str, dotted: str):
+def _import_module(spec: str, dotted: str, kind: str = "reward", error=RewardSpecError):
     cwd = os.getcwd()
     added = cwd not in sys.path and "" not in sys.path
     if added:  # a console script does not see the working directory; users expect it to
@@ -49,7 +49,7 @@ def _import_module(spec: str, dotted: str):
     try:
         return importlib.import_module(dotted)
     except Exception as e:
-        raise _load_failure(spec, f"module {dotted!r}", e) from e
+        raise _load_failure(spec, f"module {dotted!r}", e, kind, error) from e
     finally:
         if added:
             sys.path.remove(cwd)
@@ -76,11 +76,24 @@ def resolve_reward(spec: str, **options) -> tuple[str, RewardFn]:
             f"{', '.join(BUILTIN_REWARDS)}; custom: path/to/file.py:function or package.module:function"
         )
         raise RewardSpecError(f"reward {spec!r}: {hint}")
+    return load_callable(spec)
+
+
+def load_callable(spec: str, kind: str = "reward", error=RewardSpecError, want=callable, what: str = "function"):
+    """(name, object) named by `file.py:name` or `module:name` (a reward, a tool, an
+    environment class); errors name the `kind` and are raised as `error`."""
+    spec = spec.strip()
+    if ":" not in spec:
+        raise error(f"{kind} {spec!r}: name the {what}: file.py:name or package.module:name")
     target, attr = spec.rsplit(":", 1)
     if not attr.isidentifier():
-        raise RewardSpecError(f"reward {spec!r}: {attr!r} after the colon is not a function name")
+        raise error(f"{kind} {spec!r}: {attr!r} after the colon is not a {what} name")
     is_file = target.endswith(".py") or "/" in target or os.sep in target
-    module = _load_file(spec, Path(target).expanduser()) if is_file else _import_module(spec, target)
+    module = (
+        _load_file(spec, Path(target).expanduser(), kind, error)
+        if is_file
+        else _import_module(spec, target, kind, error)
+    )
     if not hasattr(module, attr):
         defined = sorted(
             n
@@ -92,8 +105,8 @@ def resolve_reward(spec: str, **options) -> tuple[str, RewardFn]:
             if 0 < len(defined) <= 12
             else ("it defines no functions" if not defined else f"it defines {len(defined)} callables")
         )
-        raise RewardSpecError(f"reward {spec!r}: no {attr!r} in {target}; {_suggest(attr, defined)}{listing}")
+        raise error(f"{kind} {spec!r}: no {attr!r} in {target}; {_suggest(attr, defined)}{listing}")
     fn = getattr(module, attr)
-    if not callable(fn):
-        raise RewardSpecError(f"reward {spec!r}: {attr!r} in {target} is a {type(fn).__name__}, not a function")
+    if not want(fn):
+        raise error(f"{kind} {spec!r}: {attr!r} in {target} is a {type(fn).__name__}, not a {what}")
     return getattr(fn, "__name__", attr), fn

@@ -292,11 +292,13 @@ def score_examples(
     weights: list[float] | None = None,
     timeout: float | None = None,
     context: RewardContext | None = None,
+    row_columns: dict[str, list] | None = None,
 ) -> RewardResult:
     """Rewards of len(texts) completions, len(texts) / len(examples) per example in order, as
     TRL calls reward functions: prompts repeated per completion; each completion a string, or
     [{"role": "assistant", "content": text}] when the prompt is a conversation; every other
-    column of the examples passed by name; `completion_ids` the sampled ids."""
+    column of the examples passed by name; `completion_ids` the sampled ids; `row_columns`
+    more keywords with one value per completion (`environments`)."""
     group_size = len(texts) // max(len(examples), 1)
     rows = [ex for ex in examples for _ in range(group_size)]
     prompts = [ex["prompt"] for ex in rows]
@@ -307,4 +309,5 @@ def score_examples(
     skip = {"prompt", "prompt_text", "prompt_ids"}
     columns = {k: [ex.get(k) for ex in rows] for k in (rows[0] if rows else {}) if k not in skip}
     columns["completion_ids"] = completion_ids
+    columns.update(row_columns or {})
     return compute_rewards(reward_fns, weights, prompts, completions, columns, timeout=timeout, context=context)
