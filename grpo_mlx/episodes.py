@@ -262,7 +262,11 @@ class _Episodes:
             turn = self.seq[r][self.turn_start[r] :]
             calls = parse_calls(tok.decode(turn), self.start_marker, self.end_marker, tok.tool_parser,
                                 renderer.schemas)  # fmt: skip  # raw text: markers may be special tokens
-            stats.log[r].append({"role": "assistant", "content": decode_text(tok, turn)})
+            said = _assistant_text(tok.decode(turn), self.start_marker, self.end_marker, renderer.eos_texts.values())
+            if said or not calls:
+                stats.log[r].append(turn_entry("assistant", said))
+            stats.log[r] += [turn_entry("tool_call", c.parse_error, c.name, c.arguments, bool(c.parse_error))
+                             for c in calls]  # fmt: skip
             full = len(self.seq[r]) >= self.max_tokens
             if not calls:
                 self.finish[r] = "length" if full and turn[-1] not in self.eos else "stop"
@@ -282,7 +286,7 @@ class _Episodes:
             results = [next(outcomes) for _ in calls]
             stats.calls[r] += len(calls)
             stats.errors[r] += sum(o.error for o in results)
-            stats.log[r] += [{"role": "tool", "name": o.name, "content": o.content, "error": o.error} for o in results]
+            stats.log[r] += [turn_entry("tool", o.content, o.name, error=o.error) for o in results]
             last = self.seq[r][-1]
             suffix = renderer.suffix([(o.name, o.content) for o in results], ended_with=last)
             ids = list(self.tokenizer.encode(suffix, add_special_tokens=False))[: self.max_tokens - len(self.seq[r])]
@@ -312,7 +316,30 @@ class _Episodes:
         texts = [decode_text(tok, s[:-1] if s and s[-1] in self.eos else s) for s in self.seq]
         roll = Rollout(tokens, logprobs, lengths, list(self.finish), texts, prompt_tokens, env_mask=env_mask)
         roll.entropy = np.where(roll.mask, entropy, 0.0).astype(np.float32)
+        roll.turns = self.stats.log
         return roll
+
+
+def turn_entry(role: str, text: str = "", name: str | None = None, arguments: dict | None = None,
+               error: bool = False) -> dict:  # fmt: skip
+    """One entry of an episode's turns as samples.jsonl holds it: `role` is assistant (its text),
+    tool_call (name, arguments; text: why it did not parse) or tool (name, the result text)."""
+    return {"role": role, "text": text, "name": name, "arguments": arguments, "error": bool(error)}
+
+
+def _assistant_text(raw: str, start: str, end: str, eos_texts) -> str:
+    """What the model wrote in a turn besides its calls (their spans and EOS markers cut out);
+    read from the raw text, as the markers may be special tokens."""
+    out, pos = [], 0
+    while start and (i := raw.find(start, pos)) >= 0:
+        out.append(raw[pos:i])
+        j = raw.find(end, i + len(start)) if end else -1
+        pos = j + len(end) if j >= 0 else len(raw)
+    out.append(raw[pos:])
+    text = "".join(out)
+    for e in eos_texts:
+        text = text.replace(e, "")
+    return text.strip()
 
 
 def _forced(forced, logits, tok, lp, temperature):

@@ -52,6 +52,7 @@ class Rollout:
     decode_steps: int = 0  # decode steps run (batch forwards)
     entropy: np.ndarray | None = None  # (N, T) entropy of the sampling distribution at each token
     env_mask: np.ndarray | None = None  # (N, T) True on tokens an episode appended (tool results), never trained on
+    turns: list | None = None  # (N,) each episode's turns (grpo_mlx.episodes), for samples; None single-turn
 
     @property
     def mask(self) -> np.ndarray:
@@ -74,6 +75,7 @@ class Rollout:
             prompt_tokens,
             entropy=None if self.entropy is None else self.entropy[rows],
             env_mask=None if self.env_mask is None else self.env_mask[rows],
+            turns=None if self.turns is None else self.turns[rows],
         )
 
     @staticmethod
@@ -99,6 +101,9 @@ class Rollout:
             else np.concatenate(
                 [pad(p.env_mask if p.env_mask is not None else np.zeros(p.tokens.shape, bool), False) for p in parts]
             ),  # fmt: skip
+            turns=None
+            if all(p.turns is None for p in parts)
+            else [t for p in parts for t in (p.turns if p.turns is not None else [None] * len(p.texts))],
         )
 
 

@@ -464,6 +464,7 @@ def sample_groups(batch: Batch, shown: np.ndarray, advantages: np.ndarray, group
                     length=int(roll.lengths[i]),
                     finish_reason=roll.finish_reasons[i],
                     **({"extra": {c: v[i] for c, v in batch.rewards.extra.items()}} if batch.rewards.extra else {}),
+                    **({"turns": roll.turns[i]} if roll.turns is not None and roll.turns[i] is not None else {}),
                 )
             )
         groups.append(

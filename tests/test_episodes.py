@@ -88,7 +88,38 @@ def test_a_call_is_run_and_its_result_appended_and_masked(setup):
     assert stats.calls.tolist() == [1, 0, 1, 1] and stats.errors.tolist() == [0, 0, 1, 0]
     assert stats.turns.tolist() == [2, 1, 2, 2] and roll.finish_reasons == ["stop"] * 4
     assert "no tool named 'nosuch'" in tok.decode(roll.tokens[2, : roll.lengths[2]].tolist())
-    assert stats.log[0][1] == {"role": "tool", "name": "calculator", "content": "5", "error": False}
+    tool = {"role": "tool", "text": "5", "name": "calculator", "arguments": None, "error": False}
+    call = {"role": "tool_call", "text": "", "name": "calculator", "arguments": {"expression": "2 + 3"}, "error": False}
+    assert roll.turns[0] == [call, tool, {**tool, "role": "assistant", "text": "The answer is 5.", "name": None}]
+    assert roll.turns[1] == [{**tool, "role": "assistant", "text": "The answer is 5.", "name": None}]
+    roles = [(t["role"], t["error"]) for t in roll.turns[2]]
+    assert roles == [("tool_call", False), ("tool", True), ("assistant", False)]
+    assert "no tool named" in roll.turns[2][1]["text"] and stats.log is roll.turns
+    assert roll.select(slice(2, 4), len(prompt)).turns == roll.turns[2:]
+
+
+def test_turns_keep_the_text_beside_a_call_and_name_a_call_that_does_not_parse(setup):
+    tok = setup[0]
+    broken = '<tool_call>\n{"name": "calculator", "arguments": {"expression": }\n</tool_call>'
+    turns = [ids(tok, "Let me add." + CALL), ids(tok, broken), ids(tok, " 5") + [eos(tok)]]
+    roll, stats = run(setup, [turns], max_tokens=400)
+    roles = [(t["role"], t["error"]) for t in roll.turns[0]]
+    assert roles == [("assistant", False), ("tool_call", False), ("tool", False), ("tool_call", True), ("tool", True),
+                     ("assistant", False)]  # fmt: skip
+    assert roll.turns[0][0]["text"] == "Let me add." and roll.turns[0][3]["text"]  # why it did not parse
+    assert stats.errors[0] == 1
+
+
+def test_concat_carries_turns_beside_single_turn_rows(setup):
+    from grpo_mlx.sampler import Rollout
+
+    tok, *_, prompt = setup
+    roll, _ = run(setup, [[ids(tok, CALL), ids(tok, " 5") + [eos(tok)]], [ids(tok, " 5") + [eos(tok)]]])
+    plain = roll.select(slice(0, 2), len(prompt))
+    plain.turns = None
+    assert Rollout.concat([plain, plain]).turns is None  # single-turn rollouts stay without turns
+    both = Rollout.concat([roll, plain])
+    assert both.turns[:2] == roll.turns and both.turns[2:] == [None, None]
 
 
 def test_only_the_appended_tokens_are_prefilled(setup, monkeypatch):
@@ -220,9 +251,15 @@ def test_the_trainer_takes_a_step_on_episodes(setup, tmp_path, monkeypatch):
     forced = script([[ids(tok, CALL), answer], [answer], [ids(tok, CALL), answer], [ids(tok, BAD_CALL), answer]])
     monkeypatch.setattr(episodes, "generate_episodes", lambda *a, **k: real(*a, **k, force=forced))
     before = {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
+    done = []
+    t.bus.subscribe(done.append)
     metrics = t.train_step(0)
     assert metrics["tools/calls"] == 0.75 and metrics["tools/errors"] == 0.25 and metrics["tools/turns"] == 1.75
     assert np.isfinite(metrics[M.LOSS])
+    (samples,) = [e for e in done if e["type"] == "samples"]  # samples.jsonl's rows: the episode as turns
+    first = samples["groups"][0]["completions"]
+    assert [t["role"] for t in first[0]["turns"]] == ["tool_call", "tool", "assistant"]
+    assert first[1]["turns"] == [episodes.turn_entry("assistant", "5")]
     after = dict(tree_flatten(model.trainable_parameters()))
     assert any(not np.array_equal(before[k], np.array(after[k])) for k in before)
 
