@@ -540,9 +540,11 @@ def _close(envs: list) -> None:
 
 def episode_metrics(stats: EpisodeStats) -> dict[str, float]:
     """Per-episode means of calls, failed calls and turns, and the share cut at max_turns."""
+    from grpo_mlx import metric_names as M
+
     return {
-        "tools/calls": float(stats.calls.mean()),
-        "tools/errors": float(stats.errors.mean()),
-        "tools/turns": float(stats.turns.mean()),
-        "tools/cut_at_max_turns": float(stats.cut_at_turns.mean()),
+        M.TOOL_CALLS: float(stats.calls.mean()),
+        M.TOOL_ERRORS: float(stats.errors.mean()),
+        M.TOOL_TURNS: float(stats.turns.mean()),
+        M.TOOL_CUT: float(stats.cut_at_turns.mean()),
     }

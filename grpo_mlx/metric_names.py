@@ -39,13 +39,17 @@ SKIPPED = "skipped"  # 1 on a step whose update was not applied
 JUDGE_TIME = "time/judge"  # seconds the judge reward spent (inside time/rewards)
 JUDGE_UNPARSEABLE = "judge/unparseable"  # share of completions whose judgment could not be read
 JUDGE_CACHE_HITS = "judge/cache_hits"  # judge requests answered from the run's cache
+TOOL_CALLS = "tools/calls"  # tool calls per episode (multi-turn runs only)
+TOOL_ERRORS = "tools/errors"  # calls per episode that failed (raised, timed out, unknown tool, unparseable)
+TOOL_TURNS = "tools/turns"  # model turns per episode
+TOOL_CUT = "tools/cut_at_max_turns"  # share of episodes ended by max_turns
 
 REWARD_PREFIX = "rewards/"  # per reward function: rewards/<name>/mean and rewards/<name>/std
 
 
 # the families of figures the trainer writes besides the constants above
 OWN_PREFIXES = (REWARD_PREFIX, "time/", "sampling/", "clip_ratio/", "completions/", "entropy_mask/", "off_policy_mask/",
-                "vespo/")  # fmt: skip
+                "vespo/", "tools/")  # fmt: skip
 
 
 def is_logged_by_user(metric: str) -> bool:

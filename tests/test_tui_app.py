@@ -259,7 +259,8 @@ def test_option_charts_appear_when_their_metric_is_logged(tmp_path):
             assert "entropy_coef" not in charts and "sampling/sampling_logp_difference/mean" not in charts
             step = {**events[-1], "step": 4}
             step["metrics"] = {**step["metrics"], "entropy_coef": 0.03, "sampling/sampling_logp_difference/mean": 2e-6,
-                               "concise_correct/mean_tokens": 3.1, "time/rollout": 0.2}  # fmt: skip
+                               "concise_correct/mean_tokens": 3.1, "time/rollout": 0.2,
+                               "tools/calls": 0.75, "tools/cut_at_max_turns": 0.0}  # fmt: skip
             app.feed_many([step])
             await pilot.pause()
             charts = {c.metric for c in app.screen.query(Chart)}
@@ -267,8 +268,47 @@ def test_option_charts_appear_when_their_metric_is_logged(tmp_path):
             assert "concise_correct/mean_tokens" in charts, "what a reward function logs (log_metric) is charted"
             titles = {c.metric: c.title for c in app.screen.query(Chart)}
             assert titles["concise_correct/mean_tokens"] == "logged: concise_correct/mean_tokens"
+            assert titles["tools/calls"] == "tool calls per episode"  # the trainer's, not a user's
+            assert titles["tools/cut_at_max_turns"] == "episodes cut at max turns" and "tools/errors" not in charts
             assert "time/rollout" not in charts
             assert "entropy_mask/kept_mean" not in charts  # only what the run logs
+
+    run(go())
+
+
+def test_samples_tab_shows_an_episode_as_turns(tmp_path):
+    """A scripted samples event whose completion is a multi-turn episode: the tab shows its
+    turns (text, the call with its arguments, the result, a failed call) instead of the flat text."""
+    turns = [
+        {"role": "tool_call", "text": "", "name": "calculator", "arguments": {"expression": "2 + 3"}, "error": False},
+        {"role": "tool", "text": "5", "name": "calculator", "arguments": None, "error": False},
+        {"role": "tool_call", "text": "", "name": "nosuch", "arguments": {}, "error": False},
+        {"role": "tool", "text": "Error: there is no tool named 'nosuch'", "name": "nosuch", "error": True},
+        {"role": "assistant", "text": "The answer is 5.", "name": None, "arguments": None, "error": False},
+    ]
+    flat = "FLAT TEXT OF THE EPISODE"
+    completion = {"text": flat, "rewards": {"accuracy": 1.0}, "reward": 1.0, "advantage": 0.5, "length": 40,
+                  "finish_reason": "stop", "turns": turns}  # fmt: skip
+    plain = {**completion, "text": "a single-turn answer", "advantage": -0.5, "turns": None}
+    group = {"prompt": "What is 2 + 3?", "prompt_text": "What is 2 + 3?", "answer": "5",
+             "completions": [completion, plain]}  # fmt: skip
+
+    async def go():
+        app = GrpoApp(attach=str(tmp_path))
+        async with app.run_test(size=SIZE) as pilot:
+            app.feed_many([*scripted_run(steps=1), {"type": "samples", "step": 2, "groups": [group]}])
+            await pilot.pause()
+            text = await press(pilot, "3")
+            assert "step 2  (latest)" in text and flat not in text
+            lines = [line.strip() for line in text.splitlines()]
+            at = lines.index("→ call calculator(expression='2 + 3')")
+            assert lines[at + 1 : at + 5] == [
+                "← calculator: 5",
+                "→ call nosuch()",
+                "← nosuch error: Error: there is no tool named 'nosuch'",
+                "The answer is 5.",
+            ]
+            assert "a single-turn answer" in text  # a completion without turns shows its text
 
     run(go())
 

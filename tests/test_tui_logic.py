@@ -10,7 +10,7 @@ from grpo_mlx.config import ConfigError, build_config
 from tui import health
 from tui.config_form import form_config, shown
 from tui.plot import BRAILLE, bar, braille_chart, columns_text, compact, histogram
-from tui.state import RunState, describe
+from tui.state import RunState, describe, malformed
 from tui.tail import JsonlTail, RunFollower
 
 
@@ -311,3 +311,37 @@ def test_the_form_keeps_the_prompt_options_it_was_opened_with():
 def test_logged_columns_show_beside_a_completion():
     line = columns_text({"judge_score": 7.0, "judge_reason": "polite\nand short", "other": None}, width=10)
     assert line == "judge_score 7  judge_reason polite an…  other n/a"
+
+
+EPISODE = [
+    {"role": "assistant", "text": "Let me add.", "name": None, "arguments": None, "error": False},
+    {"role": "tool_call", "text": "", "name": "calculator", "arguments": {"expression": "2 + 3"}, "error": False},
+    {"role": "tool", "text": "5", "name": "calculator", "arguments": None, "error": False},
+    {"role": "tool_call", "text": "arguments are not JSON", "name": "calculator", "arguments": {}, "error": True},
+    {"role": "tool", "text": "Error: the tool call could not be parsed", "name": "?", "arguments": None, "error": True},
+    {"role": "assistant", "text": "It is 5.", "name": None, "arguments": None, "error": False},
+]
+
+
+def test_an_episode_shows_as_turns_told_apart_and_errors_in_red():
+    from tui.widgets import ERROR_STYLE, episode_lines
+
+    lines = episode_lines(EPISODE)
+    assert [line.plain.strip() for line in lines] == [
+        "Let me add.",
+        "→ call calculator(expression='2 + 3')",
+        "← calculator: 5",
+        "→ call calculator()  arguments are not JSON",
+        "← ? error: Error: the tool call could not be parsed",
+        "It is 5.",
+    ]
+    styles = [str(line.style) for line in lines]
+    assert styles[1] != styles[2] != styles[0] and ERROR_STYLE not in styles[:3] + styles[5:]
+    assert styles[3] == styles[4] == ERROR_STYLE
+
+
+def test_a_samples_event_with_malformed_turns_is_refused():
+    event = {"type": "samples", "step": 1, "groups": [{"completions": [{"advantage": 0.0, "reward": 1.0}]}]}
+    assert malformed(event) is None
+    event["groups"][0]["completions"][0]["turns"] = ["not a turn"]
+    assert "wrong type" in malformed(event)

@@ -214,6 +214,8 @@ def malformed(event: Any) -> str | None:
                     and _number_or_none(c.get("reward"))
                     and _optional(c.get("text"), str)
                     and _optional(c.get("rewards"), dict)
+                    and _optional(c.get("turns"), list)
+                    and all(isinstance(t, dict) for t in c.get("turns") or [])
                 ):
                     return "samples event: a completion has fields of the wrong type"
     return None

@@ -40,6 +40,10 @@ OPTION_CHARTS = [
     (M.IS_RATIO_MEAN, "mismatch weight (mean)"),
     (M.JUDGE_TIME, "judge time (s)"),
     (M.JUDGE_UNPARSEABLE, "unreadable judgments"),
+    (M.TOOL_CALLS, "tool calls per episode"),
+    (M.TOOL_ERRORS, "failed tool calls per episode"),
+    (M.TOOL_TURNS, "turns per episode"),
+    (M.TOOL_CUT, "episodes cut at max turns"),
 ]
 USER_CHARTS = 8  # at most this many charts of what reward functions log (log_metric)
 CHART_MIN_WIDTH = 36  # cells; the grid shows as many columns as fit
@@ -296,6 +300,9 @@ class SamplesPanel(Static):
                 parts.append(head)
                 if c.get("extra"):  # what reward functions logged beside it (a judge's score and reason)
                     parts.append(Text("     " + columns_text(c["extra"]), style="italic cyan"))
+                if c.get("turns"):  # a multi-turn episode: each turn on its own, by role
+                    parts += episode_lines(c["turns"])
+                    continue
                 text = c.get("text", "")
                 parts.append(
                     Text(
@@ -304,6 +311,33 @@ class SamplesPanel(Static):
                     )
                 )
         self.update(Text("\n").join(parts))
+
+
+TURN_STYLE = {"assistant": "", "tool_call": "bold magenta", "tool": "cyan"}
+ERROR_STYLE = "bold red"
+
+
+def episode_lines(turns: list[dict]) -> list[Text]:
+    """An episode's turns (samples.jsonl's `turns`), one block each, told apart by a marker and
+    a colour: the model's text, its tool calls with their arguments, the tools' results; a
+    failed call or result in red."""
+    lines = []
+    for turn in turns:
+        role, text, error = turn.get("role"), str(turn.get("text") or ""), bool(turn.get("error"))
+        style = ERROR_STYLE if error else TURN_STYLE.get(role, "")
+        if role == "tool_call":
+            args = ", ".join(f"{k}={v!r}" for k, v in (turn.get("arguments") or {}).items())
+            line = Text(f"     → call {turn.get('name')}({args})", style=style)
+            if text:  # why it did not parse
+                line.append(f"  {text}", style=style)
+        elif role == "tool":
+            line = Text(f"     ← {turn.get('name')}{' error' if error else ''}: ", style=style)
+            line.append(text.replace("\n", "\n       "), style=style)
+        else:
+            body = text.replace("\n", "\n     ") if text else "(empty)"
+            line = Text("     " + body, style=style if text else "dim italic")
+        lines.append(line)
+    return lines
 
 
 def one_line(text: str, width: int) -> str:
