@@ -472,19 +472,26 @@ class Agent:
     def sample(self, model, tokenizer, cfg, examples: list[dict], seeds, context=None) -> Rollout:
         """The episodes of `examples` (G each). With an environment, an example whose reset
         returned text is replaced in `examples` by one whose prompt ends with that text."""
+        return self.episodes(model, tokenizer, examples, cfg.group_size, cfg.max_completion_length, cfg.temperature,
+                             cfg.top_p, cfg.top_k, cfg.min_p, seeds, context)  # fmt: skip
+
+    def episodes(self, model, tokenizer, examples: list[dict], group_size: int, max_tokens: int, temperature: float,
+                 top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seeds=None,
+                 context=None) -> Rollout:  # fmt: skip
+        """`sample` with the sampling settings given (grpo-mlx eval, the held-out evaluation)."""
         boxes, envs = self.toolbox, None
         if self.environment is not None:
-            envs = [self.environment() for _ in range(len(examples) * cfg.group_size)]
+            envs = [self.environment() for _ in range(len(examples) * group_size)]
             try:
-                self._reset(envs, examples, tokenizer, cfg.group_size)
+                self._reset(envs, examples, tokenizer, group_size)
             except BaseException:
                 _close(envs)
                 raise
             box = self.toolbox
             boxes = [Toolbox({**box.functions, **environment_tools(e)}, box.timeout, box.pool) for e in envs]
         roll, stats = generate_episodes(
-            model, tokenizer, [ex["prompt_ids"] for ex in examples], cfg.group_size, cfg.max_completion_length,
-            boxes, self.renderer, self.max_turns, cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p,
+            model, tokenizer, [ex["prompt_ids"] for ex in examples], group_size, max_tokens,
+            boxes, self.renderer, self.max_turns, temperature, top_p, top_k, min_p,
             seeds=seeds,
         )  # fmt: skip
         if envs is not None:

@@ -13,6 +13,10 @@ Choices, stated once:
 - The base model is the same loaded model with its adapters switched off
   (policy.adapters_disabled), sampled with the same seed, so nothing but the adapters differs.
 - On the CPU the model computes in float32, as in training (policy.add_adapters).
+- A run trained with tools or an environment is evaluated on the same episodes (the run's
+  tools, environment and max_turns, from its config.json; grpo_mlx.episodes): pass@k and maj@k
+  read the answer of each episode's last assistant turn (an episode cut while calling has none),
+  rewards get the whole episode and, as in training, the episodes' `environments=`.
 - Settings left unset come from the adapters' run directory (its config.json: data, maximum
   completion length, system prompt, stop strings) and adapter_config.json (the base model),
   so `grpo-mlx eval --adapter-path RUN_DIR` scores what the run trained for.
@@ -119,16 +123,20 @@ def rollouts(
     top_k: int = 0,
     min_p: float = 0.0,
     progress=None,
+    agent=None,
 ):
     """(chunk of examples, Rollout of n completions each), batch_size prepared examples a call;
-    `progress(done, total)` after each chunk (a real model's pass over 200 prompts takes minutes)."""
+    `progress(done, total)` after each chunk (a real model's pass over 200 prompts takes minutes).
+    With `agent` (grpo_mlx.episodes.Agent) the completions are its multi-turn episodes."""
     from grpo_mlx.sampler import generate_groups
 
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         yield (
             chunk,
-            generate_groups(
+            agent.episodes(model, tokenizer, chunk, n, max_tokens, temperature, top_p, top_k, min_p)
+            if agent is not None
+            else generate_groups(
                 model,
                 tokenizer,
                 [ex["prompt_ids"] for ex in chunk],
@@ -169,17 +177,40 @@ def sample_completions(
     return texts, lengths
 
 
+def final_texts(roll) -> list[str]:
+    """The text each completion's answer is read from: an episode's last assistant turn (empty
+    when it ended on a call it could not make), a single-turn completion's whole text."""
+    if roll.turns is None:
+        return list(roll.texts)
+    out = []
+    for text, turns in zip(roll.texts, roll.turns):
+        if turns is None:
+            out.append(text)
+        else:
+            out.append(turns[-1]["text"] if turns and turns[-1]["role"] == "assistant" else "")
+    return out
+
+
 def progress_text(done: int, total: int) -> str:
     return f"held-out evaluation: {done}/{total} prompts" + (" (greedy)" if done == 0 else "")
 
 
 def held_out(
-    model, tokenizer, examples: list[dict], max_tokens: int, stop=(), score=None, batch_size: int = 64, progress=None
+    model,
+    tokenizer,
+    examples: list[dict],
+    max_tokens: int,
+    stop=(),
+    score=None,
+    batch_size: int = 64,
+    progress=None,
+    agent=None,
 ) -> dict:
     """The held-out figures a training run reports, from one greedy completion per prompt:
     `accuracy` (pass@1 over the prompts that have an answer), `format`, `mean_length` and, with
     `score(chunk, rollout) -> RewardResult`, `mean_reward` (process rewards at their mean).
-    `progress(done, total)` is called at the start (0) and after each batch of prompts."""
+    `progress(done, total)` is called at the start (0) and after each batch of prompts. With
+    `agent` the completions are greedy episodes (its tools), answers read from their last turn."""
     if not examples:
         return {}
     training = model.training
@@ -188,16 +219,19 @@ def held_out(
         progress(0, len(examples))
     texts, lengths, references, totals = [], [], [], []
     chunks = rollouts(
-        model, tokenizer, examples, 1, max_tokens, 0.0, stop=stop, batch_size=batch_size, progress=progress
+        model, tokenizer, examples, 1, max_tokens, 0.0, stop=stop, batch_size=batch_size, progress=progress, agent=agent
     )
     for chunk, roll in chunks:
+        answers = final_texts(roll)
         for i, ex in enumerate(chunk):
             if has_answer(ex.get("answer")):
-                texts.append([roll.texts[i]])
+                texts.append([answers[i]])
                 lengths.append([int(roll.lengths[i])])
                 references.append(ex["answer"])
         if score is not None:
             totals.extend(score(chunk, roll).shown.tolist())
+        if agent is not None:  # score released them already; without a score, here
+            agent.release(roll)
     model.train(training)
     out: dict = {"n": len(examples)}
     if score is not None:
@@ -224,10 +258,12 @@ def evaluate(
     reward_fns=(),
     samples: list | None = None,
     progress=None,
+    agent=None,
 ) -> dict:
     """Metrics of `model` on prepared examples; with temperature 0 only k = 1 (greedy). With
     `reward_fns` ((name, function) pairs, loaded as train loads them) also each one's mean,
-    `rewards/<name>/mean`; `samples` (a list) receives one row per completion (sample_rows)."""
+    `rewards/<name>/mean`; `samples` (a list) receives one row per completion (sample_rows).
+    With `agent` the completions are its episodes (see the module's notes)."""
     import mlx.core as mx
 
     ks = [1] if temperature == 0 else sorted(set(ks))
@@ -236,17 +272,27 @@ def evaluate(
     mx.random.seed(seed)
     texts, lengths, rows, scored = [], [], [], []
     chunks = rollouts(model, tokenizer, examples, n, max_tokens, temperature, top_p, stop, batch_size, top_k, min_p,
-                      progress)  # fmt: skip
+                      progress, agent)  # fmt: skip
     for chunk, roll in chunks:
-        result = (
-            rewards.score_examples(list(reward_fns), chunk, roll.texts, roll.completion_ids) if reward_fns else None
-        )
+        try:
+            columns = agent.reward_columns(roll) if agent is not None else None  # environments=, as in training
+            result = (
+                rewards.score_examples(list(reward_fns), chunk, roll.texts, roll.completion_ids, row_columns=columns)
+                if reward_fns
+                else None
+            )
+        finally:
+            if agent is not None:
+                agent.release(roll)
+        answers = final_texts(roll)
         for p, ex in enumerate(chunk):
-            texts.append(roll.texts[p * n : (p + 1) * n])
+            texts.append(answers[p * n : (p + 1) * n])
             lengths.append([int(x) for x in roll.lengths[p * n : (p + 1) * n]])
             for i in range(p * n, (p + 1) * n):
                 values = {k: v[i] for k, v in result.per_function.items()} if result else {}
-                rows.append((ex, roll.texts[i], int(roll.lengths[i]), roll.finish_reasons[i], values))
+                turns = roll.turns[i] if roll.turns is not None else None
+                rows.append((ex, roll.texts[i], int(roll.lengths[i]), roll.finish_reasons[i], values, turns,
+                             answers[i]))  # fmt: skip
         scored.append(result)
     metrics = score_samples(texts, lengths, [ex.get("answer") for ex in examples], ks)
     for name in scored[0].per_function if scored and scored[0] else ():
@@ -260,8 +306,8 @@ def evaluate(
 def sample_rows(rows: list[tuple], n: int) -> list[dict]:
     """What `--json` shows of each completion: its prompt, text, extracted answer and verdict."""
     out = []
-    for j, (ex, text, length, finish, values) in enumerate(rows):
-        answer = rewards.extract_answer(text)
+    for j, (ex, text, length, finish, values, turns, final) in enumerate(rows):
+        answer = rewards.extract_answer(final)
         out.append(
             {
                 "prompt_index": j // n,
@@ -273,6 +319,7 @@ def sample_rows(rows: list[tuple], n: int) -> list[dict]:
                 "length": length,
                 "finish_reason": finish,
                 **({"rewards": {k: None if v != v else float(v) for k, v in values.items()}} if values else {}),
+                **({"turns": turns} if turns is not None else {}),
             }
         )
     return out
@@ -550,7 +597,30 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         prompt_key=args.prompt_key or saved.get("prompt_key") or "prompt",
         answer_key=args.answer_key or saved.get("answer_key") or "answer",
         **prompt_settings(args, saved),
+        **episode_settings(saved),
     )
+
+
+def episode_settings(saved: dict) -> dict:
+    """The run's tools and environment (its config.json): eval samples the same episodes."""
+    return dict(
+        tools=list(saved.get("tools") or []),
+        environment=saved.get("environment"),
+        tool_timeout=float(saved.get("tool_timeout", 30.0)),
+        max_turns=int(saved.get("max_turns", 4)),
+    )
+
+
+def run_agent(settings: dict, tokenizer):
+    """The episodes' Agent of a run that had tools or an environment, else None."""
+    if not settings.get("tools") and not settings.get("environment"):
+        return None
+    from grpo_mlx.config import TrainConfig
+    from grpo_mlx.episodes import Agent
+
+    keys = ("tools", "environment", "tool_timeout", "max_turns", "system_prompt", "chat_template_kwargs")
+    cfg = TrainConfig(**{k: settings[k] for k in keys}, ignore_chat_template=bool(settings["ignore_chat_template"]))
+    return Agent.from_config(cfg, tokenizer)
 
 
 def check_output_path(path: str | None) -> None:
@@ -634,9 +704,10 @@ def run(args: argparse.Namespace) -> int:
         scored = scored[: settings["limit"]]
     rewards.check_columns(reward_fns, scored, f"{settings['data']} ({settings['split']})")
     model, tokenizer = load_for_eval(settings["model"], settings["adapter_path"])
+    agent = run_agent(settings, tokenizer)
     prepared = prompts.prepare_examples(
         scored, tokenizer, settings["system_prompt"], chat_template_kwargs=settings["chat_template_kwargs"],
-        ignore_chat_template=bool(settings["ignore_chat_template"]),
+        ignore_chat_template=bool(settings["ignore_chat_template"]), tools=agent.schemas if agent else None,
     )  # fmt: skip
     for note in prompts.notes(scored, tokenizer, bool(settings["ignore_chat_template"]), settings["model"]):
         print(f"  note: {note}", file=sys.stderr)
@@ -657,6 +728,8 @@ def run(args: argparse.Namespace) -> int:
         )
         settings["batch_size"] = batch
     decoding = "greedy" if settings["temperature"] == 0 else f"temperature {settings['temperature']}"
+    if agent is not None:
+        decoding += f", episodes with tools (at most {settings['max_turns']} turns with calls)"
     note = "" if settings["temperature"] or args.k == [1] else " (greedy gives one answer per prompt: k = 1 only)"
     print(
         f"grpo-mlx eval: {len(prepared)} prompts ({settings['split']} of {settings['data']}), "
@@ -683,6 +756,7 @@ def run(args: argparse.Namespace) -> int:
         reward_fns=reward_fns,
         samples=samples,
         progress=ProgressLine(),
+        agent=agent,
     )
     report = {
         **{k: v for k, v in settings.items() if k != "limit"},

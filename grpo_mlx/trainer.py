@@ -353,6 +353,7 @@ class Trainer:
         context = rewards.RewardContext(rewards.TrainerState(int(self.state["step"]), self.cfg.iters, self.epoch()))
         return held_out(self.model, self.tokenizer, examples, self.cfg.max_completion_length, self.cfg.stop,
                         score=lambda chunk, roll: self.score(chunk, roll, context),  # logs stay out of the steps
+                        agent=self.agent,  # with tools: the same episodes, greedy
                         progress=lambda done, total: self.bus.emit(events.Message(
                             level="info", text=progress_text(done, total))))  # fmt: skip
 

@@ -19,9 +19,14 @@ BAD_CALL = '<tool_call>\n{"name": "nosuch", "arguments": {}}\n</tool_call>'
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    return tool_setup(tmp_path_factory.mktemp("tok"))
+
+
+def tool_setup(path):
+    """(tokenizer, tiny model, calculator toolbox, renderer, prompt ids); other test files use it."""
     from grpo_mlx.testing import build_random_model, build_tool_tokenizer
 
-    tok = build_tool_tokenizer(tmp_path_factory.mktemp("tok"))
+    tok = build_tool_tokenizer(path)
     mx.random.seed(0)
     model, _ = build_random_model(f"tiny:vocab_size={len(tok.vocab)}")
     box = Toolbox({"calculator": calculator}, timeout=5.0)

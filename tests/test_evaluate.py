@@ -261,3 +261,112 @@ def test_eval_renders_prompts_as_the_run_did(tmp_path):
     assert settings["chat_template_kwargs"] == {} and settings["ignore_chat_template"] is True
     with pytest.raises(ConfigError, match="'chat_template_kwargs': not valid JSON"):
         resolve_settings(eval_args("--chat-template-kwargs", "{x}"))
+
+
+# ------------------------------------------------------------------ episodes (tools), on a tiny model
+
+from tests.test_episodes import CALL, eos, ids, script, tool_setup  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return tool_setup(tmp_path_factory.mktemp("tok"))
+
+
+COUNTER = '''
+class Counter:
+    """Counts its calls; the reward is whether it was called."""
+
+    def reset(self, **row):
+        self.count = 0
+
+    def bump(self) -> str:
+        """Count one."""
+        self.count += 1
+        return str(self.count)
+
+    def get_reward(self):
+        return float(self.count > 0)
+'''
+
+
+def eval_agent(tok, **saved):
+    from grpo_mlx.evaluate import episode_settings, run_agent
+
+    settings = {**episode_settings(saved), "system_prompt": None, "chat_template_kwargs": None,
+                "ignore_chat_template": False}  # fmt: skip
+    return run_agent(settings, tok)
+
+
+def scripted(monkeypatch, rows):
+    from grpo_mlx import episodes
+
+    real = episodes.generate_episodes
+    monkeypatch.setattr(episodes, "generate_episodes", lambda *a, **k: real(*a, **k, force=script(rows)))
+
+
+def test_eval_samples_the_runs_episodes_and_reads_answers_from_the_last_turn(setup, monkeypatch):
+    """A run saved with tools: eval builds its agent, samples episodes, and pass@k counts the
+    answer of the last assistant turn only (a tool result that holds the answer does not count)."""
+    from grpo_mlx import prompts
+    from grpo_mlx.evaluate import evaluate
+
+    tok, model = setup[0], setup[1]
+    assert eval_agent(tok) is None  # a run without tools: the plain sampler
+    agent = eval_agent(tok, tools=["calculator"], max_turns=2)
+    assert agent.max_turns == 2 and [s["function"]["name"] for s in agent.schemas] == ["calculator"]
+    rows = [{"prompt": "What is 2 + 3?", "answer": "5"}, {"prompt": "What is 1 + 4?", "answer": "5"}]
+    examples = prompts.prepare_examples(rows, tok, tools=agent.schemas)
+    E = eos(tok)
+    scripted(monkeypatch, [
+        [ids(tok, CALL), ids(tok, " The answer is 5.") + [E]],  # right, after a call
+        [ids(tok, " The answer is 4.") + [E]],  # wrong
+        [ids(tok, CALL), ids(tok, " I cannot tell.") + [E]],  # wrong: only the tool's result says 5
+        [ids(tok, CALL)] * 4,  # cut at max_turns while calling: no answer
+    ])  # fmt: skip
+    samples = []
+    metrics = evaluate(model, tok, examples, ks=[1, 2], temperature=0.7, max_tokens=200, samples=samples, agent=agent)
+    assert metrics["pass@1"] == 0.25 and metrics["pass@2"] == 0.5
+    assert [s["correct"] for s in samples] == [True, False, False, False]
+    assert [t["role"] for t in samples[0]["turns"]] == ["tool_call", "tool", "assistant"]
+    assert "5" in samples[2]["completion"] and samples[2]["extracted_answer"] != "5"
+
+
+def test_eval_gives_the_environment_reward_its_environments(setup, tmp_path, monkeypatch):
+    from grpo_mlx import prompts, rewards
+    from grpo_mlx.evaluate import evaluate
+
+    tok, model = setup[0], setup[1]
+    (tmp_path / "counter_env.py").write_text(COUNTER)
+    agent = eval_agent(tok, environment=f"{tmp_path / 'counter_env.py'}:Counter")
+    examples = prompts.prepare_examples([{"prompt": "Count.", "answer": "1"}], tok, tools=agent.schemas)
+    bump = '<tool_call>\n{"name": "bump", "arguments": {}}\n</tool_call>'
+    done = ids(tok, " 1") + [eos(tok)]
+    scripted(monkeypatch, [[ids(tok, bump), done], [done], [done], [ids(tok, bump), done]])
+    metrics = evaluate(model, tok, examples, ks=[4], temperature=1.0, max_tokens=120, agent=agent,
+                       reward_fns=[rewards.resolve_reward("environment")])  # fmt: skip
+    assert metrics["rewards/environment/mean"] == 0.5 and not agent.live  # released once scored
+
+
+def test_the_trainers_held_out_evaluation_runs_greedy_episodes(setup, tmp_path, monkeypatch):
+    import mlx.core as mx
+
+    from grpo_mlx import prompts
+    from grpo_mlx.config import build_config
+    from grpo_mlx.policy import add_adapters
+    from grpo_mlx.testing import build_random_model
+    from grpo_mlx.trainer import Trainer
+
+    tok = setup[0]
+    mx.random.seed(3)
+    model, _ = build_random_model(f"tiny:vocab_size={len(tok.vocab)}")
+    cfg = build_config({"batch_size": 2, "group_size": 2, "eval_limit": 0, "max_completion_length": 120,
+                        "tools": ["calculator"], "reward_functions": ["length"],
+                        "adapter_path": str(tmp_path / "run")})  # fmt: skip
+    t = Trainer.from_parts(cfg, model, tok, [], adapter_config=add_adapters(model, cfg))
+    rows = [{"prompt": "What is 2 + 3?", "answer": "5"}, {"prompt": "What is 1 + 4?", "answer": "5"}]
+    held = prompts.prepare_examples(rows, tok, tools=t.agent.schemas)
+    E = eos(tok)
+    scripted(monkeypatch, [[ids(tok, CALL), ids(tok, " The answer is 5.") + [E]], [ids(tok, " It is 4.") + [E]]])
+    out = t.evaluate(held)
+    assert out["n"] == 2 and out["accuracy"] == 0.5 and math.isfinite(out["mean_reward"])
