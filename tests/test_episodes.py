@@ -439,3 +439,72 @@ def test_the_environment_reward_does_not_apply_without_episodes():
     _, fn = resolve_reward("environment")
     assert fn(prompts=["p"] * 2, completions=["a", "b"]) == [None, None]  # a single-turn evaluation
     assert fn(prompts=["p"] * 2, completions=["a", "b"], environments=[Env(), Env()]) == [0.5, 0.5]
+
+
+def tool_model_dir(path):
+    """A model directory mlx_lm.load reads: the tiny llama's weights and config beside the tool tokenizer."""
+    import json
+
+    from grpo_mlx.testing import PRESETS, build_random_model, build_tool_tokenizer
+
+    tok = build_tool_tokenizer(path)
+    config = {"model_type": "llama", **PRESETS["tiny"][1], "vocab_size": len(tok.vocab)}
+    mx.random.seed(4)
+    model, _ = build_random_model(f"tiny:vocab_size={len(tok.vocab)}")
+    model.save_weights(str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(config))
+    return tok
+
+
+def test_a_resumed_multi_turn_run_continues_exactly(tmp_path, monkeypatch):
+    """Tools on (every other episode calls the calculator, scripted by position only): 10 steps,
+    a stop, then 10 resumed steps end with the adapters, rewards and tool figures of 20 straight
+    steps (each prompt's random numbers are keyed by its place in the data stream)."""
+    import json
+
+    from grpo_mlx.config import build_config
+    from grpo_mlx.events import EventBus, read_jsonl
+    from grpo_mlx.trainer import Trainer
+
+    model_dir, data_dir = tmp_path / "model", tmp_path / "data"
+    model_dir.mkdir()
+    data_dir.mkdir()
+    tok = tool_model_dir(model_dir)
+    rows = [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in [(2, 3), (12, 30), (7, 8), (1, 1)]]
+    (data_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    call = ids(tok, CALL)
+
+    def force(rows, pos):  # a pure function of (row, position): the same script on every step and run
+        return np.array([call[p] if r % 2 == 0 and p < len(call) else -1 for r, p in zip(rows, pos)])
+
+    real = episodes.generate_episodes
+    monkeypatch.setattr(episodes, "generate_episodes", lambda *a, **k: real(*a, **k, force=force))
+
+    def config(run, **more):
+        return build_config({"model": str(model_dir), "data": str(data_dir), "adapter_path": str(run), "iters": 20,
+                             "batch_size": 2, "group_size": 2, "eval_limit": 0, "save_every": 100,
+                             "max_completion_length": 64, "learning_rate": 5e-3, "tools": ["calculator"],
+                             "reward_functions": ["length"], **more})  # fmt: skip
+
+    Trainer(config(tmp_path / "a")).run()
+    bus = EventBus()
+    interrupted = Trainer(config(tmp_path / "b"), bus)
+    bus.subscribe(lambda e: e["type"] == "step" and e["step"] == 10 and interrupted.control.stop.set())
+    assert interrupted.run()["steps"] == 10
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert Trainer(build_config({"resume": str(tmp_path / "b")}, base=saved)).run()["steps"] == 20
+
+    a = mx.load(str(tmp_path / "a" / "adapters.safetensors"))
+    b = mx.load(str(tmp_path / "b" / "adapters.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), atol=1e-6, err_msg=k)
+
+    def steps(run):
+        return [e["metrics"] for e in read_jsonl(str(run / "metrics.jsonl")) if e["type"] == "step"]
+
+    straight, resumed = steps(tmp_path / "a"), steps(tmp_path / "b")
+    assert len(resumed) == len(straight) == 20
+    for key in ("reward", "tools/calls", "tools/turns", "completions/mean_length"):
+        assert [m[key] for m in straight] == [m[key] for m in resumed], key
+    assert all(m["tools/calls"] >= 0.5 and m["tools/turns"] >= 1.5 for m in straight)  # the episodes called the tool
