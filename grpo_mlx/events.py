@@ -100,7 +100,8 @@ class Step(_Event):
 @dataclass
 class Samples(_Event):
     """Completions of a step, numbered like its step event: groups of
-    {prompt, prompt_text, answer, completions: [{text, rewards, reward, advantage, length, finish_reason}]}."""
+    {prompt, prompt_text, answer, completions: [{text, rewards, reward, advantage, length, finish_reason}]};
+    an episode's completion also has `turns` (grpo_mlx.episodes.turn_entry)."""
 
     type: ClassVar[str] = "samples"
     step: int
