@@ -370,3 +370,42 @@ def test_the_trainers_held_out_evaluation_runs_greedy_episodes(setup, tmp_path, 
     scripted(monkeypatch, [[ids(tok, CALL), ids(tok, " The answer is 5.") + [E]], [ids(tok, " It is 4.") + [E]]])
     out = t.evaluate(held)
     assert out["n"] == 2 and out["accuracy"] == 0.5 and math.isfinite(out["mean_reward"])
+
+
+def test_grpo_mlx_eval_of_a_run_with_tools_samples_its_episodes(tmp_path, monkeypatch):
+    """The command end to end: a one-step run with tools, then `grpo-mlx eval --adapter-path`
+    reads the run's tools from its config.json, shows them in the prompts and runs episodes."""
+    from grpo_mlx import episodes
+    from grpo_mlx.config import build_config
+    from grpo_mlx.trainer import Trainer
+    from tests.test_episodes import tool_model_dir
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "data").mkdir()
+    tok = tool_model_dir(tmp_path / "model")
+    rows = [{"prompt": "What is 2 + 3?", "answer": "5"}, {"prompt": "What is 1 + 4?", "answer": "5"}]
+    (tmp_path / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    answer = ids(tok, " The answer is 5.") + [eos(tok)]
+    call = ids(tok, CALL)
+    seen = []
+    real = episodes.generate_episodes
+
+    def forced(model, tokenizer, prompts, *a, **k):  # prompt 0 calls, then answers; prompt 1 answers at once
+        seen.extend(tokenizer.decode(p) for p in prompts)
+        return real(model, tokenizer, prompts, *a, **k, force=script([[call, answer], [answer]] * len(prompts)))
+
+    monkeypatch.setattr(episodes, "generate_episodes", forced)
+    run_dir = tmp_path / "run"
+    model_dir, data_dir = str(tmp_path / "model"), str(tmp_path / "data")
+    Trainer(build_config({"model": model_dir, "data": data_dir, "adapter_path": str(run_dir),
+                          "iters": 1, "batch_size": 2, "group_size": 2, "eval_limit": 0, "max_completion_length": 80,
+                          "tools": ["calculator"], "max_turns": 2, "reward_functions": ["length"]})).run()  # fmt: skip
+    seen.clear()
+    report = _eval_json(tmp_path, "tools", "--adapter-path", str(run_dir), "--split", "train", "--temperature", "0")
+    assert report["tools"] == ["calculator"] and report["max_turns"] == 2
+    assert seen and all("calculator" in p for p in seen)  # the prompts show the tool, as in training
+    rows_base = report["samples"]["base"]
+    assert [r["correct"] for r in rows_base] == [True, True]
+    assert [t["role"] for t in rows_base[0]["turns"]] == ["tool_call", "tool", "assistant"]
+    assert [t["role"] for t in rows_base[1]["turns"]] == ["assistant"]
+    assert report["results"]["adapters"]["pass@1"] == 1.0
