@@ -67,7 +67,10 @@ def test_a_call_from_the_model_runs_the_calculator(loaded):
     assert stats.log[0][1] == {"role": "tool", "name": "calculator", "content": "579", "error": False}
     appended = roll.tokens[0][roll.env_mask[0]].tolist()
     assert appended == ids(tok, demo.response_text("579"))
-    assert demo.final_answer(roll.texts[0]) == "579"  # the shipped model copies the tool's result
+    answer = demo.final_answer(roll.texts[0])  # the model's own turn after the result, learned from
+    assert answer.isdigit() and roll.finish_reasons[0] == "stop"
+    n = int(roll.lengths[0])
+    assert not roll.env_mask[0][n - len(answer) - 1 : n].any()  # its answer and EOS are its own tokens
 
 
 def test_shipped_model_answers_badly_alone(loaded):
