@@ -45,7 +45,7 @@ SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>", demo.TOOL_CALL, demo.TOOL_CALL_END,
 VOCAB = SPECIAL_TOKENS + CHARACTERS + [demo.CALL_HEAD]
 CARRY_SLIP = 0.7
 CALL_RATE = 0.05
-COPY_RATE = 0.45
+COPY_RATE = 0.25
 # Smaller than the arithmetic demo's: bad at 3-digit sums is the point, copying needs little,
 # and pre-training on 2 shared cores stays within minutes.
 ARCHITECTURE = dict(
