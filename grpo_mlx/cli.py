@@ -280,6 +280,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if mx.distributed.init().rank() == 0:  # under mlx.launch, one progress bar, not one per rank
         bus.subscribe(ProgressPrinter())
     trainer = Trainer(cfg, bus)
+    from grpo_mlx.demo import tools as tool_demo
+
+    tool_demo.attach(trainer)  # --demo tools: before/after figures from episodes
     main_rank = mx.distributed.init().rank() == 0
     if cfg.push_to_hub and main_rank:  # a missing token is found before the training, not after
         from grpo_mlx import hub

@@ -25,6 +25,9 @@ from grpo_mlx.errors import UserError
 DEMO_DIR = Path(__file__).parent / "demo"
 DEMO_MODEL = str(DEMO_DIR / "model")
 DEMO_DATA = str(DEMO_DIR / "data")
+TOOLS_DEMO_MODEL = str(DEMO_DIR / "tools_model")  # grpo_mlx.demo.tools: 3-digit sums with the calculator
+TOOLS_DEMO_DATA = str(DEMO_DIR / "tools_data")
+DEMOS = ("arithmetic", "tools")
 
 # The choices of each option, once: the loss and advantage functions check against these too,
 # and this MLX-free module validates a config with them without loading MLX.
@@ -56,6 +59,11 @@ class TrainConfig:
     # --- what to train on
     model: str | None = _f(
         None, "Model: a local mlx-lm model directory or a Hugging Face repo id. Default: the embedded demo model."
+    )
+    demo: str | None = _f(
+        None,
+        "Run an embedded demo's settings: arithmetic (2-digit sums; the default when no model is given) or "
+        "tools (3-digit sums the model learns to hand to the calculator tool).",
     )
     data: str | None = _f(
         None,
@@ -335,6 +343,25 @@ DEMO_DEFAULTS: dict[str, Any] = dict(
     save_every=50,
 )
 
+# `--demo tools`: the model (grpo_mlx.demo.pretrain_tools) rarely calls the calculator; the reward
+# is its final answer. Its before/after figures come from grpo_mlx.demo.tools.held_out (episodes),
+# so the trainer's single-turn evaluation is off.
+TOOLS_DEMO_DEFAULTS: dict[str, Any] = dict(
+    model=TOOLS_DEMO_MODEL,
+    data=TOOLS_DEMO_DATA,
+    tools=["calculator"],
+    reward_functions=["grpo_mlx.demo.tools:tool_answer"],
+    max_turns=1,
+    num_layers=-1,
+    iters=300,
+    batch_size=8,
+    group_size=8,
+    max_completion_length=32,
+    learning_rate=5e-4,
+    eval_limit=0,
+    save_every=50,
+)
+
 
 class ConfigError(UserError, ValueError):
     """A configuration problem; the message names the key (and file/line when known)."""
@@ -346,7 +373,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # (tests/test_config.py checks), so a new field is placed here too.
 OPTION_GROUPS: dict[str, tuple[str, ...]] = {
     "model and prompts": (
-        "model", "system_prompt", "max_prompt_length", "chat_template_kwargs", "ignore_chat_template",
+        "model", "demo", "system_prompt", "max_prompt_length", "chat_template_kwargs", "ignore_chat_template",
     ),
     "data": ("data", "data_config", "prompt_key", "answer_key"),
     "run directory": ("adapter_path", "resume", "overwrite", "seed"),
@@ -532,7 +559,9 @@ def build_config(
             raise ConfigError(f"unknown option '{key}'{closest_key(key)}")
     from_file = {**(base or {}), **_typed_stops(load_yaml(config_file) if config_file else {})}
     merged: dict[str, Any] = {}
-    if (flags.get("model") or from_file.get("model")) in (None, DEMO_MODEL):
+    if (flags.get("demo") or from_file.get("demo")) == "tools":
+        merged.update(TOOLS_DEMO_DEFAULTS)
+    elif (flags.get("model") or from_file.get("model")) in (None, DEMO_MODEL):
         merged.update(DEMO_DEFAULTS)
         if from_file.get("data") or flags.get("data"):
             merged.pop("data")
@@ -817,6 +846,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.reward_timeout >= 0, "reward_timeout", "must be >= 0")
     need(cfg.max_bad_steps >= 1, "max_bad_steps", "must be at least 1")
     need(cfg.max_turns >= 1, "max_turns", "must be at least 1")
+    need(cfg.demo in (None, *DEMOS), "demo", f"must be one of {', '.join(DEMOS)}")
     need(cfg.tool_timeout >= 0, "tool_timeout", "must be >= 0")
     need(cfg.max_resample_rounds >= 0, "max_resample_rounds", "must be >= 0")
     need(cfg.max_prompt_length is None or cfg.max_prompt_length >= 1, "max_prompt_length", "must be at least 1")

@@ -1,0 +1,248 @@
+"""Pre-train the tool demo's model: a tiny llama that adds 3-digit numbers badly and rarely calls the calculator.
+
+    python -m grpo_mlx.demo.pretrain_tools
+
+Supervised next-token training (loss on the model's own tokens: answers, calls, EOS; never on a
+tool's result) on sums of the pre-training pairs (all but the shipped test/valid ones):
+- most examples answer directly, with `carry_slip` of the carries forgotten: alone, the model is
+  mostly wrong;
+- `call_rate` of them call the calculator, read the true sum, and copy it after "=".
+Saved only when greedy held-out accuracy (no tool) is at most `max_accuracy` and copying after a
+call is reliable: GRPO then only has to make the call the model's first choice.
+
+Tokenizer: the arithmetic demo's characters, plus special tokens for <eos>, the tool-call and
+tool-response markers (single tokens, so mlx-lm's TokenizerWrapper finds tool_call_start/end as
+one id each), and one plain token for the call's fixed JSON head. Architecture: the arithmetic
+demo's, halved (~0.1M parameters, float32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+from grpo_mlx.blas import use_system_blas
+
+use_system_blas()  # before MLX is imported
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+from mlx_lm.models import llama  # noqa: E402
+from mlx_lm.utils import load_tokenizer  # noqa: E402
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
+
+from grpo_mlx.demo import tools as demo  # noqa: E402
+from grpo_mlx.demo.pretrain import CHARACTERS, EOS_ID, PAD_ID, loss_fn  # noqa: E402
+
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>", demo.TOOL_CALL, demo.TOOL_CALL_END, demo.TOOL_RESPONSE,
+                  demo.TOOL_RESPONSE_END]  # fmt: skip
+VOCAB = SPECIAL_TOKENS + CHARACTERS + [demo.CALL_HEAD]
+CARRY_SLIP = 0.7
+CALL_RATE = 0.05
+COPY_RATE = 0.25
+# Smaller than the arithmetic demo's: bad at 3-digit sums is the point, copying needs little,
+# and pre-training on 2 shared cores stays within minutes.
+ARCHITECTURE = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    intermediate_size=256,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+)
+
+
+def build_tokenizer() -> Tokenizer:
+    vocab = {token: i for i, token in enumerate(VOCAB)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(".|\n"), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    tokenizer.add_tokens([AddedToken(demo.CALL_HEAD, normalized=False)])  # matched before the split
+    return tokenizer
+
+
+def write_tokenizer(out: Path) -> None:
+    build_tokenizer().save(str(out / "tokenizer.json"))
+    special = {"eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special,
+        "chat_template": demo.CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": ARCHITECTURE["max_position_embeddings"],
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def model_config() -> dict:
+    return {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        **ARCHITECTURE,
+        "vocab_size": len(VOCAB),
+        "eos_token_id": EOS_ID,
+        "pad_token_id": PAD_ID,
+        "torch_dtype": "float32",
+    }
+
+
+def slipped(a: int, b: int, rng: random.Random, rate: float) -> str:
+    """The sum, or (for `rate` of the problems with a carry) the one with every carry forgotten."""
+    digits = [(x + y) % 10 for x, y in zip(map(int, f"{a:03d}"), map(int, f"{b:03d}"))]
+    wrong = str(int("".join(map(str, digits))))
+    right = str(a + b)
+    return wrong if wrong != right and rng.random() < rate else right
+
+
+def sequences(tokenizer, pairs, rng: random.Random, call_rate: float, slip: float, copy_rate: float = COPY_RATE):
+    """Token rows (prompt, completion) and loss masks: direct answers, `call_rate` calls, and
+    `copy_rate` episodes with a call that is not learned (masked): they teach copying the result
+    without teaching to call."""
+    enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    rows, masks = [], []
+    for a, b in pairs:
+        prompt = f"{a}+{b}"
+        head = enc(prompt + "=")
+        u = rng.random()
+        if u < call_rate + copy_rate:
+            call, result = enc(demo.call_text(prompt)), enc(demo.response_text(str(a + b)))
+            answer = enc(str(a + b)) + [EOS_ID]
+            rows.append(head + call + result + answer)
+            learn = int(u < call_rate)
+            masks.append([0] * len(head) + [learn] * len(call) + [0] * len(result) + [1] * len(answer))
+        else:
+            answer = enc(slipped(a, b, rng, slip)) + [EOS_ID]
+            rows.append(head + answer)
+            masks.append([0] * len(head) + [1] * len(answer))
+    width = max(map(len, rows))
+    tokens = np.full((len(rows), width), PAD_ID, dtype=np.int32)  # (N, L)
+    mask = np.zeros((len(rows), width), dtype=np.float32)  # (N, L)
+    for i, (r, m) in enumerate(zip(rows, masks)):
+        tokens[i, : len(r)], mask[i, : len(m)] = r, m
+    return tokens, mask
+
+
+def greedy(model, prefixes: list[list[int]], steps: int) -> list[list[int]]:
+    """Greedy continuations (up to EOS) of prefixes, batched by length."""
+    out: list[list[int]] = [[] for _ in prefixes]
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(prefixes):
+        by_len.setdefault(len(p), []).append(i)
+    for idx in by_len.values():
+        x = mx.array([prefixes[i] for i in idx])  # (n, P)
+        new = []
+        for _ in range(steps):
+            tok = mx.argmax(model(x)[:, -1, :], axis=-1)  # (n,) no cache: a few short rows
+            new.append(tok)
+            x = mx.concatenate([x, tok[:, None]], axis=1)
+        rows = np.array(mx.stack(new, axis=1)).tolist()
+        for i, row in zip(idx, rows):
+            out[i] = row[: row.index(EOS_ID)] if EOS_ID in row else row
+    return out
+
+
+def report(model, tokenizer, pairs) -> dict:
+    """Greedy, no tool: accuracy and share that start a call; after a call and its true result:
+    share that copy it."""
+    enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    call_id = enc(demo.TOOL_CALL)[0]
+    heads = [enc(f"{a}+{b}=") for a, b in pairs]
+    direct = greedy(model, heads, 5)
+    acc = np.mean([tokenizer.decode(d) == str(a + b) for d, (a, b) in zip(direct, pairs)])
+    starts = np.mean([bool(d) and d[0] == call_id for d in direct])
+    after = [h + enc(demo.call_text(f"{a}+{b}") + demo.response_text(str(a + b))) for h, (a, b) in zip(heads, pairs)]
+    copied = np.mean([tokenizer.decode(d) == str(a + b) for d, (a, b) in zip(greedy(model, after, 5), pairs)])
+    first = mx.softmax(model(mx.array(heads))[:, -1, :], axis=-1)[:, call_id]  # (N,)
+    return {"direct_accuracy": float(acc), "greedy_calls": float(starts), "copy_accuracy": float(copied),
+            "call_probability": float(first.mean())}  # fmt: skip
+
+
+def pretrain(
+    out: Path,
+    seed: int = 0,
+    steps: int = 1500,
+    batch_size: int = 64,
+    learning_rate: float = 3e-3,
+    warmup: int = 50,
+    call_rate: float = CALL_RATE,
+    carry_slip: float = CARRY_SLIP,
+    max_accuracy: float = 0.5,
+    eval_every: int = 500,
+) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(out)
+    tokenizer = load_tokenizer(out)
+    assert tokenizer.has_tool_calling and len(tokenizer.tool_call_start_tokens) == 1, "markers must be single tokens"
+    splits = demo.split_pairs()
+    held = set(splits["held"])
+    rng = random.Random(seed)
+    span = range(demo.LOW, demo.HIGH + 1)
+    pool = [(a, b) for a in span for b in span if (a, b) not in held]
+    rng.shuffle(pool)
+    pool = pool[: steps * batch_size // 2]  # each example seen about twice
+    tokens, mask = sequences(tokenizer, pool, rng, call_rate, carry_slip)  # (N, L), (N, L)
+    lengths = (tokens != PAD_ID).sum(axis=1)  # (N,)
+    print(f"pre-training on {len(pool)} examples, {int(mask.sum(1).__gt__(6).sum())} learn a call", flush=True)
+
+    mx.random.seed(seed)
+    nprng = np.random.default_rng(seed)
+    model = llama.Model(llama.ModelArgs.from_dict(model_config()))
+    model.set_dtype(mx.float32)
+    schedule = optim.join_schedules(
+        [
+            optim.linear_schedule(1e-6, learning_rate, warmup),
+            optim.cosine_decay(learning_rate, steps, learning_rate / 10),
+        ],
+        [warmup],
+    )
+    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+    state = [model.state, optimizer.state]
+    start = time.perf_counter()
+    for it in range(1, steps + 1):
+        idx = nprng.integers(0, len(tokens), batch_size)  # (B,)
+        width = int(lengths[idx].max())  # batches without a call are less than half as long
+        loss, grads = value_and_grad(model, mx.array(tokens[idx, :width]), mx.array(mask[idx, :width]))
+        optimizer.update(model, grads)
+        mx.eval(state, loss)
+        if it % eval_every == 0 or it == steps:
+            stats = report(model, tokenizer, splits["test"])
+            print(f"step {it:5d}  loss {loss.item():.4f}  {stats}  {time.perf_counter() - start:6.1f}s", flush=True)
+    weights = dict(tree_flatten(model.parameters()))
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (out / "config.json").write_text(json.dumps(model_config(), indent=2) + "\n")
+    stats = report(model, tokenizer, splits["test"])
+    print(f"saved to {out}: {stats}")
+    if stats["direct_accuracy"] > max_accuracy:
+        raise SystemExit(f"held-out accuracy {stats['direct_accuracy']:.3f} is above {max_accuracy}")
+    return stats
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=demo.MODEL_DIR)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--call-rate", type=float, default=CALL_RATE)
+    parser.add_argument("--carry-slip", type=float, default=CARRY_SLIP)
+    parser.add_argument("--max-accuracy", type=float, default=0.5)
+    parser.add_argument("--eval-every", type=int, default=500)
+    args = parser.parse_args(argv)
+    demo.write_splits()
+    pretrain(args.out, args.seed, args.steps, call_rate=args.call_rate, carry_slip=args.carry_slip,
+             max_accuracy=args.max_accuracy, eval_every=args.eval_every)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
