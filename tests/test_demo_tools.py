@@ -46,7 +46,7 @@ def test_tokenizer_has_single_token_tool_markers(loaded):
 
 
 def test_a_call_from_the_model_runs_the_calculator(loaded):
-    from grpo_mlx.episodes import ResultRenderer, generate_episodes
+    from grpo_mlx.episodes import ResultRenderer, generate_episodes, turn_entry
     from grpo_mlx.tools import Toolbox, parse_calls
 
     model, tok = loaded
@@ -64,7 +64,7 @@ def test_a_call_from_the_model_runs_the_calculator(loaded):
     roll, stats = generate_episodes(model, tok, [prompt], 1, 32, box, ResultRenderer(tok, box.schemas), 1,
                                     temperature=0.0, force=force)  # fmt: skip
     assert stats.calls.tolist() == [1] and stats.errors.tolist() == [0]
-    assert stats.log[0][1] == {"role": "tool", "name": "calculator", "content": "579", "error": False}
+    assert stats.log[0][1] == turn_entry("tool", "579", name="calculator")  # the result, as samples show it
     appended = roll.tokens[0][roll.env_mask[0]].tolist()
     assert appended == ids(tok, demo.response_text("579"))
     answer = demo.final_answer(roll.texts[0])  # the model's own turn after the result, learned from
