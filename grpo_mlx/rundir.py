@@ -28,6 +28,7 @@ RUN_FILES = (
     "adapters.safetensors",
     "adapter_config.json",
     "judge_cache.jsonl",
+    "trackers.json",
 )
 RUN_DIRS = ("checkpoints",)
 

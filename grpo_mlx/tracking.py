@@ -13,12 +13,16 @@ Choices, stated once:
   message on the bus, and dropped: training goes on, the run directory is still the record.
 - Only rank 0 reports: the metrics are already global, and one run per tracker is wanted.
 - TensorBoard writes with tensorboardX (numpy and protobuf only; no torch or TensorFlow).
+- A resumed run (`--resume`) continues the tracker run it started: wandb by the run id kept in
+  <run dir>/trackers.json, trackio by the run name, TensorBoard by appending to the same event
+  folder. SwanLab resumes by id only in its cloud mode, so a resumed SwanLab run is a new run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import math
 import os
 from pathlib import Path
@@ -32,6 +36,7 @@ from grpo_mlx.errors import UserError
 PACKAGES = {"wandb": "wandb", "trackio": "trackio", "tensorboard": "tensorboardX", "swanlab": "swanlab"}
 DEFAULT_PROJECT = "grpo-mlx"
 TABLE = "completions"  # TRL's name for the table of sampled completions
+IDS_FILE = "trackers.json"  # tracker -> run id, so that a resumed run continues its tracker runs
 
 
 class TrackerMissing(UserError, ImportError):
@@ -96,7 +101,23 @@ class TrackerSink:
             self.trackers.clear()
 
     def _start(self, name: str, event: events.Event) -> None:
-        self.trackers[name] = WRITERS[name](self.project, self.run_name, self.run_dir, event["config"])
+        ids = self._ids()
+        resumed = event.get("start_step", 0) > 0
+        run_id = ids.get(name) if resumed else None
+        writer = WRITERS[name](self.project, self.run_name, self.run_dir, event["config"], run_id=run_id)
+        self.trackers[name] = writer
+        new_id = getattr(writer, "run_id", None)
+        if new_id and ids.get(name) != new_id:
+            ids[name] = new_id
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / IDS_FILE).write_text(json.dumps(ids, indent=1) + "\n")
+
+    def _ids(self) -> dict[str, str]:
+        try:
+            ids = json.loads((self.run_dir / IDS_FILE).read_text())
+        except (OSError, ValueError):  # no file yet, or one a crash cut short: start new tracker runs
+            return {}
+        return ids if isinstance(ids, dict) else {}
 
     def _guard(self, name: str, fn) -> None:
         try:
@@ -162,11 +183,20 @@ def markdown_table(columns: list[str], rows: list[list]) -> str:
 
 
 class Wandb:
-    def __init__(self, project, name, run_dir, config):
+    def __init__(self, project, name, run_dir, config, run_id=None):
         import wandb
 
         self.wandb = wandb
-        self.run = wandb.init(project=project, name=name, dir=str(run_dir), config=config, reinit="create_new")
+        self.run = wandb.init(
+            project=project,
+            name=name,
+            dir=str(run_dir),
+            config=config,
+            reinit="create_new",
+            id=run_id,
+            resume="allow" if run_id else None,
+        )
+        self.run_id = self.run.id
 
     def log(self, metrics, step):
         self.run.log(metrics, step=step)
@@ -179,11 +209,13 @@ class Wandb:
 
 
 class Trackio:
-    def __init__(self, project, name, run_dir, config):
+    def __init__(self, project, name, run_dir, config, run_id=None):
         import trackio
 
         self.trackio = trackio
-        trackio.init(project=project, name=name, config=config)
+        # trackio keys runs by name within a project: the resumed run's name is its id
+        trackio.init(project=project, name=name, config=config, resume="allow" if run_id else "never")
+        self.run_id = name
 
     def log(self, metrics, step):
         self.trackio.log(metrics, step=step)
@@ -198,7 +230,7 @@ class Trackio:
 class TensorBoard:
     """Event files in <run dir>/tensorboard: `tensorboard --logdir runs` shows every run."""
 
-    def __init__(self, project, name, run_dir, config):
+    def __init__(self, project, name, run_dir, config, run_id=None):
         from tensorboardX import SummaryWriter
 
         self.writer = SummaryWriter(logdir=str(Path(run_dir) / "tensorboard"))
@@ -219,7 +251,7 @@ class TensorBoard:
 class SwanLab:
     """SWANLAB_MODE decides where it writes (cloud by default; local/offline keep it on this machine)."""
 
-    def __init__(self, project, name, run_dir, config):
+    def __init__(self, project, name, run_dir, config, run_id=None):
         import swanlab
 
         self.swanlab = swanlab

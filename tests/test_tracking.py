@@ -26,30 +26,34 @@ DRIVE = textwrap.dedent(
     from grpo_mlx import events, tracking
     from grpo_mlx.config import build_config, to_dict
 
-    name, run_dir = sys.argv[1], sys.argv[2]
+    name, run_dir, first = sys.argv[1], sys.argv[2], int(sys.argv[3])  # first: the step it resumes at
     cfg = build_config({"report_to": [name], "project_name": "proj", "run_name": "run-a"})
     bus = events.EventBus()
     sink = tracking.attach(bus, cfg, run_dir)
-    bus.emit(events.Start(run_dir=run_dir, config=to_dict(cfg), total_steps=2, start_step=0))
-    bus.emit(events.Eval(step=0, name="before", metrics={"n": 4, "accuracy": 0.25, "mean_reward": 0.3}))
+    bus.emit(events.Start(run_dir=run_dir, config=to_dict(cfg), total_steps=first + 2, start_step=first))
+    bus.emit(events.Eval(step=first, name="before", metrics={"n": 4, "accuracy": 0.25, "mean_reward": 0.3}))
     done = dict(text="so 4|5", rewards={"accuracy": 1.0, "format": 0.5}, reward=1.5, advantage=0.7,
                 length=3, finish_reason="stop")
     groups = [dict(prompt="2+2?", prompt_text="<user>2+2?", answer="4", completions=[done])]
-    for step in (1, 2):
+    for step in (first + 1, first + 2):
         bus.emit(events.Samples(step=step, groups=groups))
         bus.emit(events.Step(step=step, metrics={"reward": 0.5 * step, "completions/mean_length": 3.0}))
-    bus.emit(events.Eval(step=2, name="after", metrics={"n": 4, "accuracy": 0.75, "mean_reward": 0.8}))
-    bus.emit(events.End(step=2, summary={}, status="finished"))
+    bus.emit(events.Eval(step=first + 2, name="after", metrics={"n": 4, "accuracy": 0.75, "mean_reward": 0.8}))
+    bus.emit(events.End(step=first + 2, summary={}, status="finished"))
     assert not sink.failures, sink.failures
     """
 )
 
 
-def drive(name, tmp_path, **env):
+def drive(name, tmp_path, first=0, **env):
     run_dir = tmp_path / "run"
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "SWANLAB_MODE": "local", **env}
     proc = subprocess.run(
-        [sys.executable, "-c", DRIVE, name, str(run_dir)], env=env, capture_output=True, text=True, timeout=180
+        [sys.executable, "-c", DRIVE, name, str(run_dir), str(first)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return run_dir
@@ -96,7 +100,7 @@ class Flaky:
 
     calls: list = []
 
-    def __init__(self, project, name, run_dir, config):
+    def __init__(self, project, name, run_dir, config, run_id=None):
         Flaky.calls.append(("start", project, name))
 
     def log(self, metrics, step):
@@ -127,6 +131,44 @@ def test_a_failing_tracker_is_reported_once_and_dropped(monkeypatch, tmp_path):
     assert Flaky.calls == [("start", "grpo-mlx", "my-run"), ("log", 1), ("log", 2), ("finish", False)]
     warnings = [e["text"] for e in seen if e["type"] == "message"]
     assert len(warnings) == 1 and "ConnectionError: hub went away" in warnings[0] and "training goes on" in warnings[0]
+
+
+class Remembers:
+    """A tracker that records the run id it was asked to continue and hands out its own."""
+
+    seen: list = []
+
+    def __init__(self, project, name, run_dir, config, run_id=None):
+        Remembers.seen.append(run_id)
+        self.run_id = run_id or f"id-{len(Remembers.seen)}"
+
+    def log(self, metrics, step):
+        pass
+
+    def finish(self, ok):
+        pass
+
+
+def test_a_resumed_run_continues_its_tracker_run_and_a_new_one_does_not(monkeypatch, tmp_path):
+    monkeypatch.setitem(tracking.WRITERS, "wandb", Remembers)
+    monkeypatch.setattr(tracking, "check_installed", lambda names: None)
+    Remembers.seen = []
+    cfg = build_config({"report_to": ["wandb"]})
+
+    def start(first):
+        bus = events.EventBus()
+        tracking.attach(bus, cfg, tmp_path)
+        bus.emit(events.Start(run_dir=str(tmp_path), config=to_dict(cfg), total_steps=4, start_step=first))
+        bus.emit(events.End(step=first + 2, summary={}, status="finished"))
+
+    start(0)  # a new run: no id asked for; its id is kept
+    assert json.loads((tmp_path / tracking.IDS_FILE).read_text()) == {"wandb": "id-1"}
+    start(2)  # --resume: continues id-1
+    start(0)  # --overwrite starts over: a new tracker run
+    assert Remembers.seen == [None, "id-1", None]
+    (tmp_path / tracking.IDS_FILE).write_text("{not json")  # a file a crash cut short: a new run, no error
+    start(2)
+    assert Remembers.seen[-1] is None
 
 
 # ------------------------------------------------------------------ each tracker, read back
@@ -194,6 +236,26 @@ def test_wandb_offline_run(tmp_path):
     table = json.loads(Path(table_file).read_text())
     assert table["columns"] == ["step", "prompt", "completion", "accuracy", "format", "reward", "advantage"]
     assert table["data"] == [[1, "<user>2+2?", "so 4|5", 1.0, 0.5, 1.5, 0.7]]
+
+
+def test_wandb_resumed_run_keeps_its_run_id(tmp_path):
+    pytest.importorskip("wandb", reason="pip install 'grpo-mlx[wandb]'")
+    drive("wandb", tmp_path)
+    drive("wandb", tmp_path, first=2)
+    run_id = json.loads((tmp_path / "run" / tracking.IDS_FILE).read_text())["wandb"]
+    runs = sorted(glob.glob(str(tmp_path / "run" / "wandb" / "offline-run-*")))
+    assert len(runs) == 2 and all(r.endswith("-" + run_id) for r in runs)  # online, wandb joins them as one run
+
+
+def test_trackio_resumed_run_is_one_run(tmp_path):
+    pytest.importorskip("trackio", reason="pip install 'grpo-mlx[trackio]'")
+    store = str(tmp_path / "store")
+    drive("trackio", tmp_path, TRACKIO_DIR=store)
+    drive("trackio", tmp_path, first=2, TRACKIO_DIR=store)
+    db = sqlite3.connect(tmp_path / "store" / "proj.db")
+    names = {name for (name,) in db.execute("select distinct run_name from metrics")}
+    steps = sorted({step for (step,) in db.execute("select step from metrics where run_name='run-a'")})
+    assert names == {"run-a"} and steps == [0, 1, 2, 3, 4]
 
 
 def test_trackio_local_store(tmp_path):
