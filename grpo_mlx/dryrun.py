@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from grpo_mlx import data, prompts, rewards
+from grpo_mlx import data, judge, prompts, rewards
 from grpo_mlx.config import DEMO_MODEL, TrainConfig
 from grpo_mlx.errors import UserError
 
@@ -68,7 +68,11 @@ def prepare(cfg: TrainConfig) -> DryRun:
     from grpo_mlx.blas import use_system_blas
 
     use_system_blas()  # mlx_lm's tokenizer module imports MLX
-    fns = [rewards.resolve_reward(s, max_completion_length=cfg.max_completion_length) for s in cfg.reward_functions]
+    fns = [
+        rewards.resolve_reward(s, max_completion_length=cfg.max_completion_length, config=cfg)
+        for s in cfg.reward_functions
+    ]
+    judge.probe_endpoints(fns)  # a judge server is asked for real below; a local judge needs weights
     train = data.load_split(
         cfg.data, "train", prompt_key=cfg.prompt_key, answer_key=cfg.answer_key, config=cfg.data_config
     )
@@ -127,14 +131,24 @@ def sample_completions(example: dict, specs: list[str]) -> dict[str, str]:
     return {"reference": f"<think>\nWorking it out.\n</think>\n<answer>{final}</answer>", "wrong": WRONG}
 
 
-def score_sample(run: DryRun, example: dict, text: str) -> dict[str, float | None]:
+def score_sample(run: DryRun, example: dict, text: str) -> dict[str, float | str | None]:
     """Each reward function's value on one completion, called as training calls it."""
     ids = [list(run.tokenizer.encode(text, add_special_tokens=False))]
     state = rewards.TrainerState(0, run.cfg.iters, 0.0)  # what the first step's functions see
-    result = rewards.score_examples(run.reward_fns, [example], [text], ids, weights=run.cfg.reward_weights,
+    fns = [(name, fn) for name, fn in run.reward_fns if not judge.needs_model(fn)]
+    weights = run.cfg.reward_weights
+    if weights:
+        weights = [w for (_, fn), w in zip(run.reward_fns, weights) if not judge.needs_model(fn)]
+    result = rewards.score_examples(fns, [example], [text], ids, weights=weights,
                                     timeout=run.cfg.reward_timeout, context=rewards.RewardContext(state))  # fmt: skip
     values = {name: float(v[0]) for name, v in result.per_function.items()}
-    return {name: None if v != v else v for name, v in values.items()} | {"total": float(result.total[0])}
+    skipped = {name: "needs the model" for name, fn in run.reward_fns if judge.needs_model(fn)}
+    total = "total (judge not counted)" if skipped else "total"
+    return {name: None if v != v else v for name, v in values.items()} | skipped | {total: float(result.total[0])}
+
+
+def _shown(value) -> str:
+    return value if isinstance(value, str) else "None" if value is None else f"{value:g}"
 
 
 def section_rewards(run: DryRun, out: TextIO) -> None:
@@ -143,7 +157,7 @@ def section_rewards(run: DryRun, out: TextIO) -> None:
     out.write(f" (answer {example['answer']!r:.80}):\n" if example.get("answer") is not None else " (no answer):\n")
     for label, text in sample_completions(example, run.cfg.reward_functions).items():
         values = score_sample(run, example, text)
-        shown = ", ".join(f"{k} {'None' if v is None else f'{v:g}'}" for k, v in values.items())
+        shown = ", ".join(f"{k} {_shown(v)}" for k, v in values.items())
         out.write(f"  {label} {text!r:.100}\n    -> {shown}\n")
 
 

@@ -282,6 +282,18 @@ def judge_reward(config=None, **_):
     return reward
 
 
+def probe_endpoints(reward_fns: list) -> None:
+    """Check that every judge server of the run can be reached (a JudgeError naming it if not)."""
+    for _, fn in reward_fns:
+        if isinstance(fn, JudgeReward) and fn.settings.is_endpoint and fn.judge is not None:
+            fn.judge.backend.probe()
+
+
+def needs_model(fn) -> bool:
+    """A judge reward that waits for a model (a local or `base` judge): it cannot score before one loads."""
+    return isinstance(fn, JudgeReward) and fn.judge is None
+
+
 def bind_judges(reward_fns: list, model, tokenizer, run_dir, group_size: int = 0) -> None:
     """Give each `judge` reward its backend (the policy for `base`, a loaded model for a local
     judge) and the run directory's cache (read back when resuming). Call once the policy is loaded."""

@@ -20,8 +20,10 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -47,6 +49,22 @@ class EndpointBackend:
         self.url, self.model_name = chat_url(settings.model)
         self.id = f"{self.url}#{self.model_name or ''}"
         self.backoff = backoff  # seconds before the first retry; doubled each time
+
+    def probe(self) -> None:
+        """Refuse, in one sentence, a server nothing listens at: found before the model loads,
+        not at the first step's rewards. Only a connection is opened; no request is sent."""
+        parts = urllib.parse.urlsplit(self.url)
+        host = parts.hostname or ""
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            with socket.create_connection((host, port), timeout=min(self.settings.timeout, 5.0)):
+                pass
+        except (OSError, ValueError) as e:
+            reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+            raise JudgeError(
+                f"judge_model {self.settings.model}: cannot connect to {host}:{parts.port or ''} ({reason}); "
+                "start the judge server first (e.g. mlx_lm.server --model MODEL --port PORT) or fix the URL"
+            ) from None
 
     def complete(self, requests: list[list[dict]], params: dict) -> list[str]:
         if not requests:

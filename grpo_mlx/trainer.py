@@ -99,6 +99,7 @@ class Trainer:
             cfg.data, "train", prompt_key=cfg.prompt_key, answer_key=cfg.answer_key, config=cfg.data_config
         )
         rewards.check_columns(self.reward_fns, self.train_examples, f"{cfg.data} (train)")  # before any model loads
+        judge.probe_endpoints(self.reward_fns)  # a judge server that is not up: now, not at step 1
         self.eval_examples, _ = data.held_out_examples(cfg)
         self.world = World()  # one process unless started by mlx.launch
         self._check_ranks()

@@ -184,3 +184,47 @@ def test_real_server_judges_then_dies_mid_run_with_a_checkpoint(tmp_path):
     [first] = [e for e in read_jsonl(str(trainer.run_dir / "samples.jsonl")) if e.get("type") == "samples"]
     texts = {c["text"] for g in first["groups"] for c in g["completions"]}
     assert len(lines) == len(texts), "step 1's distinct requests (one per distinct completion) are cached"
+
+
+# ------------------------------------------------------------------ a server that is not up
+
+
+def test_a_judge_server_that_is_not_up_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    import grpo_mlx.trainer as T
+
+    port = free_port()  # nothing listens there
+    loaded = []
+    monkeypatch.setattr(T, "load_model", lambda *a, **k: loaded.append(a) or (_ for _ in ()).throw(AssertionError))
+    with pytest.raises(J.JudgeError) as e:
+        Trainer(demo_config(tmp_path, judge_model=f"http://127.0.0.1:{port}/v1")).setup()
+    assert f"judge_model http://127.0.0.1:{port}/v1: cannot connect to 127.0.0.1:{port}" in str(e.value)
+    assert "\n" not in str(e.value) and not loaded
+
+
+def test_a_judge_server_that_is_up_passes_the_probe_and_the_dry_run_asks_it(tmp_path, monkeypatch, capsys):
+    from grpo_mlx import cli
+
+    asked = []
+
+    def reply(body, headers):
+        asked.append(body)
+        return 200, "Score: 150"
+
+    with stub_server(reply) as url:
+        EndpointBackend(settings(model=url)).probe()
+        assert not asked  # the probe connects and sends nothing
+        monkeypatch.chdir(tmp_path)
+        code = cli.main(["train", "--dry-run", "--reward-functions", "judge", "--judge-model", url,
+                         "--judge-rubric", RUBRIC, "--judge-scale", "0-200"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and asked and "judge 0.75" in out  # 150 on 0-200, from the server
+
+
+def test_the_dry_run_says_a_local_judge_needs_the_model(tmp_path, monkeypatch, capsys):
+    from grpo_mlx import cli
+
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["train", "--dry-run", "--reward-functions", "judge", "accuracy", "--judge-model", "base",
+                     "--judge-rubric", RUBRIC, "--judge-scale", "0-200"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "judge needs the model" in out and "total (judge not counted)" in out
