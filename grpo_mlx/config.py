@@ -846,6 +846,12 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.reward_timeout >= 0, "reward_timeout", "must be >= 0")
     need(cfg.max_bad_steps >= 1, "max_bad_steps", "must be at least 1")
     need(cfg.max_turns >= 1, "max_turns", "must be at least 1")
+    need(
+        not (cfg.stop and (cfg.tools or cfg.environment)),
+        "stop",
+        "does not apply to episodes with tools or an environment (a turn ends at a tool call or EOS, an "
+        "episode at EOS, max_turns or max_completion_length): drop it",
+    )
     need(cfg.demo in (None, *DEMOS), "demo", f"must be one of {', '.join(DEMOS)}")
     need(cfg.tool_timeout >= 0, "tool_timeout", "must be >= 0")
     need(cfg.max_resample_rounds >= 0, "max_resample_rounds", "must be >= 0")

@@ -120,6 +120,7 @@ BAD_VALUES = {
     "seed_huge": ({"seed": str(2**64)}, "'seed'"),
     "isolation": ({"reward_isolation": "container"}, "'reward_isolation'"),
     "resume_and_overwrite": ({"resume": "r", "overwrite": True}, "'overwrite'"),
+    "stop_with_tools": ({"stop": ["\n"], "tools": ["calculator"]}, "'stop'"),  # episodes end by turns, not stops
 }
 
 
