@@ -219,13 +219,18 @@ class ProgressPrinter:
         elif kind == "eval":
             m = event["metrics"]
             acc = f"accuracy {m['accuracy']:.1%}, " if "accuracy" in m else ""
-            self.write(f"held-out ({event['name']}, {m['n']} prompts, greedy): {acc}mean reward {m['mean_reward']:.3f}")
+            calls = f", calls a tool {m['tool_use']:.1%}" if "tool_use" in m else ""  # runs with tools
+            self.write(
+                f"held-out ({event['name']}, {m['n']} prompts, greedy): {acc}mean reward {m['mean_reward']:.3f}{calls}"
+            )
         elif kind == "step":
             self._step(event)
         elif kind == "end":
             s = event["summary"]
             if "accuracy_before" in s and "accuracy_after" in s:
                 self.write(f"held-out accuracy: {s['accuracy_before']:.1%} -> {s['accuracy_after']:.1%}")
+            if "tool_use_before" in s and "tool_use_after" in s:
+                self.write(f"held-out episodes calling a tool: {s['tool_use_before']:.1%} -> {s['tool_use_after']:.1%}")
             self.write(
                 f"{event['status']} after {event['step']} steps in {_fmt_time(time.time() - self.t0)}; "
                 f"adapters in {s.get('run_dir')}"
@@ -280,9 +285,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     if mx.distributed.init().rank() == 0:  # under mlx.launch, one progress bar, not one per rank
         bus.subscribe(ProgressPrinter())
     trainer = Trainer(cfg, bus)
-    from grpo_mlx.demo import tools as tool_demo
-
-    tool_demo.attach(trainer)  # --demo tools: before/after figures from episodes
     main_rank = mx.distributed.init().rank() == 0
     if cfg.push_to_hub and main_rank:  # a missing token is found before the training, not after
         from grpo_mlx import hub

@@ -210,14 +210,15 @@ def held_out(
     `accuracy` (pass@1 over the prompts that have an answer), `format`, `mean_length` and, with
     `score(chunk, rollout) -> RewardResult`, `mean_reward` (process rewards at their mean).
     `progress(done, total)` is called at the start (0) and after each batch of prompts. With
-    `agent` the completions are greedy episodes (its tools), answers read from their last turn."""
+    `agent` the completions are greedy episodes (its tools), answers read from their last turn,
+    and `tool_use` is the share of episodes that call a tool."""
     if not examples:
         return {}
     training = model.training
     model.eval()
     if progress is not None:
         progress(0, len(examples))
-    texts, lengths, references, totals = [], [], [], []
+    texts, lengths, references, totals, called = [], [], [], [], []
     chunks = rollouts(
         model, tokenizer, examples, 1, max_tokens, 0.0, stop=stop, batch_size=batch_size, progress=progress, agent=agent
     )
@@ -228,6 +229,7 @@ def held_out(
                 texts.append([answers[i]])
                 lengths.append([int(roll.lengths[i])])
                 references.append(ex["answer"])
+        called += [any(t["role"] == "tool_call" for t in turns or ()) for turns in roll.turns or ()]
         if score is not None:
             totals.extend(score(chunk, roll).shown.tolist())
         if agent is not None:  # score released them already; without a score, here
@@ -236,6 +238,8 @@ def held_out(
     out: dict = {"n": len(examples)}
     if score is not None:
         out["mean_reward"] = _mean(totals)
+    if agent is not None:
+        out["tool_use"] = _mean(called)
     if texts:
         scored = score_samples(texts, lengths, references, [1])
         out.update(accuracy=scored["pass@1"], format=scored["format"], mean_length=scored["mean_length"])

@@ -267,3 +267,28 @@ def test_a_wrong_flag_gets_one_short_usage_line_not_every_flag(capsys):
         "usage: grpo-mlx train [options]  (see grpo-mlx train --help)",
         "grpo-mlx train: error: unknown option --num-generatons (did you mean --num-generations?)",
     ]
+
+
+def test_progress_printer_shows_the_tool_use_of_runs_with_tools():
+    import io
+
+    from grpo_mlx.cli import ProgressPrinter
+
+    out = io.StringIO()
+    printer = ProgressPrinter(out)
+    printer({"type": "eval", "name": "before", "metrics": {"n": 4, "accuracy": 0.25, "mean_reward": 0.25}})
+    printer(
+        {"type": "eval", "name": "after", "metrics": {"n": 4, "accuracy": 1.0, "mean_reward": 1.0, "tool_use": 0.75}}
+    )
+    summary = {
+        "run_dir": "r",
+        "accuracy_before": 0.25,
+        "accuracy_after": 1.0,
+        "tool_use_before": 0.0,
+        "tool_use_after": 0.75,
+    }
+    printer({"type": "end", "status": "finished", "step": 2, "summary": summary})
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "held-out (before, 4 prompts, greedy): accuracy 25.0%, mean reward 0.250"  # no tools: no share
+    assert lines[1].endswith("mean reward 1.000, calls a tool 75.0%")
+    assert "held-out episodes calling a tool: 0.0% -> 75.0%" in lines

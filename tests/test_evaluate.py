@@ -370,6 +370,7 @@ def test_the_trainers_held_out_evaluation_runs_greedy_episodes(setup, tmp_path, 
     scripted(monkeypatch, [[ids(tok, CALL), ids(tok, " The answer is 5.") + [E]], [ids(tok, " It is 4.") + [E]]])
     out = t.evaluate(held)
     assert out["n"] == 2 and out["accuracy"] == 0.5 and math.isfinite(out["mean_reward"])
+    assert out["tool_use"] == 0.5  # the first episode called the calculator, the second did not
 
 
 def test_grpo_mlx_eval_of_a_run_with_tools_samples_its_episodes(tmp_path, monkeypatch):

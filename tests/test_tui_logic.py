@@ -82,6 +82,11 @@ def test_log_lines():
         describe({"type": "eval", "name": "before", "metrics": {"n": 5, "accuracy": 0.4, "mean_reward": 0.4}})
         == "held-out (before, 5 prompts, greedy): accuracy 40.0%, mean reward 0.400"
     )
+    with_tools = {"n": 5, "accuracy": 0.4, "mean_reward": 0.4, "tool_use": 0.6}
+    assert describe({"type": "eval", "name": "after", "metrics": with_tools}).endswith(", calls a tool 60.0%")
+    summary = {"accuracy_before": 0.0, "accuracy_after": 0.9, "tool_use_before": 0.05, "tool_use_after": 1.0}
+    end = describe({"type": "end", "status": "finished", "step": 3, "summary": summary})
+    assert end == "finished after 3 steps; held-out accuracy 0.0% -> 90.0%, calling a tool 5.0% -> 100.0%"
     assert describe({"type": "checkpoint", "step": 3, "path": "p"}) == "checkpoint saved at step 3: p"
     assert describe(step(1)) is None
     s = RunState()

@@ -247,10 +247,7 @@ class GrpoApp(App):
 
             bus = EventBus()
             bus.subscribe(self.feed)
-            from grpo_mlx.demo import tools as tool_demo
-
             trainer = Trainer(cfg, bus, controls)
-            tool_demo.attach(trainer)  # --demo tools: before/after figures from episodes
             trainer.run()
         except BaseException as e:  # report every failure on the dashboard, never in a traceback dump
             from grpo_mlx.cli import user_errors

@@ -238,7 +238,8 @@ def describe(event: Event) -> str | None:
         m = event.get("metrics") or {}
         acc = f"accuracy {m['accuracy']:.1%}, " if finite(m.get("accuracy")) else ""
         mean = f"mean reward {m['mean_reward']:.3f}" if finite(m.get("mean_reward")) else ""
-        return f"held-out ({event.get('name')}, {m.get('n')} prompts, greedy): {acc}{mean}"
+        calls = f", calls a tool {m['tool_use']:.1%}" if finite(m.get("tool_use")) else ""  # runs with tools
+        return f"held-out ({event.get('name')}, {m.get('n')} prompts, greedy): {acc}{mean}{calls}"
     if kind == "checkpoint":
         return f"checkpoint saved at step {event.get('step')}: {event.get('path')}"
     if kind == "end":
@@ -246,5 +247,7 @@ def describe(event: Event) -> str | None:
         line = f"{event.get('status')} after {event.get('step')} steps"
         if finite(s.get("accuracy_before")) and finite(s.get("accuracy_after")):
             line += f"; held-out accuracy {s['accuracy_before']:.1%} -> {s['accuracy_after']:.1%}"
+        if finite(s.get("tool_use_before")) and finite(s.get("tool_use_after")):
+            line += f", calling a tool {s['tool_use_before']:.1%} -> {s['tool_use_after']:.1%}"
         return line
     return None

@@ -207,10 +207,50 @@ def group_stats(model, tokenizer, examples: list[dict], group: int = 8, temperat
     }
 
 
-def save_model(model, out: Path) -> None:
+def save_model(model, out: Path, config: dict | None = None) -> None:
     weights = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
-    (out / "config.json").write_text(json.dumps(model_config(), indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(config or model_config(), indent=2) + "\n")
+
+
+# --- training (shared with grpo_mlx.demo.pretrain_tools) -------------------------------------
+
+
+def new_model(config: dict, seed: int):
+    """A freshly initialised float32 llama, its weights drawn from `seed`."""
+    mx.random.seed(seed)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    model.set_dtype(mx.float32)
+    return model
+
+
+def fit(model, tokens, mask, *, seed, steps, batch_size, learning_rate, warmup, eval_every, report, trim=False):
+    """Supervised next-token training on rows `tokens` (N, L) with loss weights `mask` (N, L):
+    AdamW, linear warmup then cosine decay to a tenth, batches drawn with replacement from
+    `seed`. `report(step, loss, seconds)` every eval_every steps and at the last. With `trim` a
+    batch is cut to its longest row (rows of very different lengths: the short batches run faster)."""
+    rng = np.random.default_rng(seed)
+    lengths = (tokens != PAD_ID).sum(axis=1)  # (N,)
+    schedule = optim.join_schedules(
+        [
+            optim.linear_schedule(1e-6, learning_rate, warmup),
+            optim.cosine_decay(learning_rate, steps, learning_rate / 10),
+        ],
+        [warmup],
+    )
+    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
+    # No mx.compile: on this ten-token model it measured slower on CPU (0.18 s vs 0.14 s a step).
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+    state = [model.state, optimizer.state]
+    start = time.perf_counter()
+    for it in range(1, steps + 1):
+        idx = rng.integers(0, len(tokens), batch_size)  # (B,)
+        width = int(lengths[idx].max()) if trim else tokens.shape[1]
+        loss, grads = value_and_grad(model, mx.array(tokens[idx, :width]), mx.array(mask[idx, :width]))  # (B, W)
+        optimizer.update(model, grads)
+        mx.eval(state, loss)
+        if it % eval_every == 0 or it == steps:
+            report(it, loss.item(), time.perf_counter() - start)
 
 
 # --- training --------------------------------------------------------------------------------
@@ -234,39 +274,18 @@ def pretrain(
     splits = task.make_splits(seed=0)  # the split is canonical, whatever the training seed
     train = with_slips(splits["train"], carry_slip)
 
-    mx.random.seed(seed)
-    rng = np.random.default_rng(seed)
-    model = llama.Model(llama.ModelArgs.from_dict(model_config()))
-    model.set_dtype(mx.float32)
+    model = new_model(model_config(), seed)
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     n_slips = sum(a["answer"] != b["answer"] for a, b in zip(train, splits["train"]))
     print(f"model: {n_params:,} parameters; train {len(train)} examples, {n_slips} with a forgotten carry")
 
-    tokens, mask = training_arrays(tokenizer, train)  # (N, L), (N, L)
-    schedule = optim.join_schedules(
-        [
-            optim.linear_schedule(1e-6, learning_rate, warmup),
-            optim.cosine_decay(learning_rate, steps, learning_rate / 10),
-        ],
-        [warmup],
-    )
-    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
-    # No mx.compile: on this ten-token model it measured slower on CPU (0.18 s vs 0.14 s a step).
-    value_and_grad = nn.value_and_grad(model, loss_fn)
-    state = [model.state, optimizer.state]
+    def report(it: int, loss: float, seconds: float) -> None:
+        acc = greedy_accuracy(model, tokenizer, splits["test"])
+        print(f"step {it:5d}  loss {loss:.4f}  test acc {acc:.3f}  {seconds:6.1f}s", flush=True)
 
-    start = time.perf_counter()
-    for it in range(1, steps + 1):
-        idx = rng.integers(0, len(tokens), batch_size)  # (B,)
-        loss, grads = value_and_grad(model, mx.array(tokens[idx]), mx.array(mask[idx]))  # (B, L) inputs
-        optimizer.update(model, grads)
-        mx.eval(state, loss)
-        if it % eval_every == 0 or it == steps:
-            acc = greedy_accuracy(model, tokenizer, splits["test"])
-            print(
-                f"step {it:5d}  loss {loss.item():.4f}  test acc {acc:.3f}  {time.perf_counter() - start:6.1f}s",
-                flush=True,
-            )
+    tokens, mask = training_arrays(tokenizer, train)  # (N, L), (N, L)
+    fit(model, tokens, mask, seed=seed, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+        warmup=warmup, eval_every=eval_every, report=report)  # fmt: skip
     save_model(model, out)
     acc = greedy_accuracy(model, tokenizer, splits["test"])
     stats = group_stats(model, tokenizer, splits["test"])

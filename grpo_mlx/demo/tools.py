@@ -15,6 +15,9 @@ Choices, stated once:
   `tools=` are not written (one tool, and each character costs a decode step).
 - the reward is the final answer: the text after the last "=" of the completion (the result of a
   tool is no answer until the model writes it).
+- the before/after figures are the trainer's held-out evaluation (grpo_mlx.evaluate.held_out
+  with the run's agent): greedy episodes, accuracy of the last turn and the share that call the
+  tool, in summary.json as accuracy_before/after and tool_use_before/after.
 
 No MLX at import: the reward loader and tests import this cheaply.
 """
@@ -107,66 +110,3 @@ def tool_answer(prompts, completions, answer=None, **kwargs) -> list[float | Non
         None if ref is None else float(final_answer(completion_text(c)) == str(ref))
         for c, ref in zip(completions, answer, strict=True)
     ]
-
-
-def held_out(model, tokenizer, agent, examples: list[dict], max_tokens: int, batch: int = 100) -> dict:
-    """Greedy episodes (with the tool) on prepared examples ("prompt_ids", "answer"): accuracy of
-    the final answer and the share of episodes that call the tool."""
-    from grpo_mlx.episodes import generate_episodes
-
-    hits, calls = [], []
-    for i in range(0, len(examples), batch):
-        chunk = examples[i : i + batch]
-        roll, stats = generate_episodes(
-            model, tokenizer, [ex["prompt_ids"] for ex in chunk], 1, max_tokens,
-            agent.toolbox, agent.renderer, agent.max_turns, temperature=0.0,
-        )  # fmt: skip
-        hits += [final_answer(t) == str(ex["answer"]) for t, ex in zip(roll.texts, chunk)]
-        calls += [int(c) > 0 for c in stats.calls]
-    n = max(len(hits), 1)
-    return {"accuracy": sum(hits) / n, "tool_use": sum(calls) / n, "n": len(hits)}
-
-
-class Report:
-    """The `--demo tools` figures, as a subscriber of the trainer's event bus: greedy held-out
-    episodes at the start event (before the first step) and at the end event; each shown as a
-    message and recorded in summary.json (tool_accuracy_before/after, tool_use_before/after)."""
-
-    def __init__(self, trainer, split: str = "test"):
-        self.trainer, self.split, self.before, self.examples = trainer, split, None, None
-
-    def measure(self) -> dict:
-        from grpo_mlx import data, prompts
-
-        t, cfg = self.trainer, self.trainer.cfg
-        if self.examples is None:
-            rows = data.load_split(cfg.data, self.split, prompt_key=cfg.prompt_key, answer_key=cfg.answer_key)
-            self.examples = prompts.prepare_examples(rows, t.tokenizer, **prompts.options(cfg), tools=t.agent.schemas)
-        return held_out(t.model, t.tokenizer, t.agent, self.examples, cfg.max_completion_length)
-
-    def say(self, name: str, m: dict) -> None:
-        from grpo_mlx import events
-
-        text = f"held-out ({name}, {m['n']} prompts, greedy episodes): accuracy {m['accuracy']:.1%}, "
-        self.trainer.bus.emit(events.Message(level="info", text=text + f"calls the tool {m['tool_use']:.1%}"))
-
-    def __call__(self, event: dict) -> None:
-        if event["type"] == "start":
-            self.before = self.measure()
-            self.say("before", self.before)
-        elif event["type"] == "end" and event["status"] not in ("stopped", "failed") and self.before:
-            after = self.measure()
-            self.say("after", after)
-            path = self.trainer.run_dir / "summary.json"
-            summary = json.loads(path.read_text()) if path.exists() else {}
-            for when, m in (("before", self.before), ("after", after)):
-                summary[f"tool_accuracy_{when}"], summary[f"tool_use_{when}"] = m["accuracy"], m["tool_use"]
-            summary["tool_eval_examples"] = after["n"]
-            if self.trainer.world.is_main:
-                path.write_text(json.dumps(summary, indent=2))
-
-
-def attach(trainer) -> None:
-    """Subscribe the figures' Report to a `--demo tools` trainer (the CLI and the TUI call this)."""
-    if trainer.cfg.demo == "tools":
-        trainer.bus.subscribe(Report(trainer))
