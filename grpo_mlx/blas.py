@@ -58,8 +58,11 @@ def blas_name() -> str:
 
 
 # The demo run (`grpo-mlx train`, its default settings, as a new user first runs it) on this
-# project's 2-core Linux machines: MEASUREMENT
-BUNDLED_SLOWDOWN = 12.0
+# project's 2-core Linux machine, with GRPO_MLX_NO_BLAS=1 and without (shortened runs, the machine
+# shared with other jobs): start-up 47 s and each 200-prompt held-out evaluation 21-22 s either
+# way (greedy decoding does not wait on the BLAS); a step 48 s on the bundled BLAS (median of 6)
+# and 3.9 s on OpenBLAS (median of 62): 200 steps and two evaluations come to ~9,700 s vs ~870 s.
+BUNDLED_SLOWDOWN = 11.0
 INSTALL_HINT = "sudo apt install libopenblas0-pthread"  # Debian/Ubuntu; the first of CANDIDATES
 
 
