@@ -245,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"round {k + 1} {name}: failed: {r['error']}", file=sys.stderr)
                 else:
                     times = " ".join(f"{t:.3f}" for t in r["seconds"])
+                    if r.get("skipped_steps"):
+                        times += f" ({r['skipped_steps']} update(s) skipped as non-finite)"
                     print(
                         f"round {k + 1} {name:<12} s/step {times}  ({r['gflops']:.0f} GFLOP/s, {r['blas']})",
                         file=sys.stderr,

@@ -108,13 +108,14 @@ def run_grpo_mlx(s: dict, clock: StepClock) -> dict:
     adapter_config = add_adapters(model, cfg)
     examples = [{"prompt": p, "prompt_text": p, "prompt_ids": ids} for p, ids in zip(s["prompts"], s["prompt_ids"])]
     trainer = Trainer.from_parts(cfg, model, tokenizer, examples, adapter_config=adapter_config)
-    lengths = []
+    lengths, skipped = [], 0
     clock.tick()
     for step in range(s["warmup"] + s["steps"]):
         m = trainer.train_step(step)
         clock.tick()
-        lengths.append(m["completions/mean_length"])
-    return {"mean_length": lengths[-1]}
+        lengths.append(m.get("completions/mean_length"))
+        skipped += int(bool(m.get("skipped")))  # a non-finite update is skipped: its time is not a full step
+    return {"mean_length": next((x for x in reversed(lengths) if x is not None), None), "skipped_steps": skipped}
 
 
 # ------------------------------------------------------------------ mlx-lm-lora
