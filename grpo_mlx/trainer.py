@@ -23,7 +23,7 @@ from grpo_mlx import checkpoint, data, episodes, events, judge, prompts, reward_
 from grpo_mlx import metric_names as M
 from grpo_mlx.advantages import compute_advantages, per_completion
 from grpo_mlx.batch import make_batch
-from grpo_mlx.blas import blas_name
+from grpo_mlx.blas import blas_hint, blas_name
 from grpo_mlx.config import ConfigError, TrainConfig, default_run_dir, to_dict
 from grpo_mlx.errors import UserError
 from grpo_mlx.evaluate import held_out, progress_text
@@ -433,6 +433,8 @@ class Trainer:
                 eval_examples=len(self.eval_examples),
             )
         )
+        if hint := blas_hint():  # a new user's first run on the slow bundled BLAS says why, and the fix
+            self.bus.emit(events.Message(level="warning", text=hint))
         if cfg.ref_update_every and cfg.beta == 0:
             self.bus.emit(
                 events.Message(
