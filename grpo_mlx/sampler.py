@@ -6,7 +6,9 @@ Choices, each measured with `grpo-mlx bench` (README, "Speed and memory"):
   thrown away. Each prompt's keys and values are then gathered G times: one prefill per prompt,
   not per completion. Models whose caches are not plain KVCache (sliding windows, SSM state,
   quantized caches) prefill one prompt at a time and merge with their cache type's `merge`.
-- Decode: all B*G rows in one batch, one token per step. Once a quarter of the rows have ended
+  With kv_bits the prefilled cache is quantized before the gather (grpo_mlx.rollout_cache).
+- Decode: all B*G rows in one batch (or waves of rollout_batch_size rows, each gathered from the
+  one prefill), one token per step. Once a quarter of the rows have ended
   (EOS, stop string), the batch and its cache are filtered down to the running rows, so a long
   tail of completions does not pay for the finished ones.
 - Sampling is at logits / temperature by inverse CDF: one uniform number per row, the token is
