@@ -84,7 +84,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Rows (N*T) of the log-probability pass measurement. [default: the train step's N*T]",
     )
     parser.add_argument(
-        "--only", nargs="+", choices=["machine", "rollout", "train", "logprobs"], help="Run only these sections."
+        "--only",
+        nargs="+",
+        choices=["machine", "rollout", "train", "logprobs", "rollout-memory"],
+        help="Run only these sections (rollout-memory, not run by default: the quantized KV cache and waves).",
     )
     parser.add_argument("--quick", action="store_true", help="Tiny sizes and one repeat (a smoke test, seconds).")
     parser.add_argument("--json", metavar="PATH", help="Also write every figure to this JSON file.")
@@ -611,6 +614,10 @@ def bench(s: dict, sections: set) -> dict:
     if "rollout" in sections:
         prompts, _ = make_prompts(s["batch_size"])
         report["rollout"] = rollout(model, shape, prompts, s, ceilings)
+    if "rollout-memory" in sections:  # grpo_mlx.bench_rollouts: --kv-bits and --rollout-batch-size
+        from grpo_mlx.bench_rollouts import rollout_memory
+
+        report["rollout_memory"] = rollout_memory(model, shape, make_prompts(s["batch_size"])[0], s)
     if "logprobs" in sections:
         rows = s["logprob_rows"] or s["train_batch_size"] * s["train_group_size"] * s["train_max_tokens"]
         report["logprobs"] = logprob_pass(model, shape, rows, s["temperature"], s["quick"])
@@ -682,6 +689,10 @@ def print_report(r: dict) -> None:
                 f"  SwiGLU of one MLP ({sw['rows']} x {sw['width']}, x{model['layers']} layers a step): mlx-lm "
                 f"{sw['mlx_lm']:.2f} ms, grpo_mlx.cpu_kernels {sw['cpu_kernels']:.2f} ms"
             )
+    if "rollout_memory" in r:
+        from grpo_mlx.bench_rollouts import print_rollout_memory
+
+        print_rollout_memory(r["rollout_memory"])
     if "train" in r:
         tr = r["train"]
         a, b = tr["beta_0"], tr["beta_pos"]

@@ -44,6 +44,8 @@ REWARD_ISOLATION = ("thread", "process")
 JUDGE_MODES = ("pointwise", "group")
 TRACKERS = ("wandb", "trackio", "tensorboard", "swanlab")  # grpo_mlx.tracking has one writer each
 HUB_REPO = re.compile(r"([A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")  # owner/name, or name in the token's account
+KV_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize (and so mlx-lm's QuantizedKVCache) accepts
+KV_GROUP_SIZES = (32, 64, 128)
 SEED_LIMIT = 2**32  # numpy's and MLX's seeds are unsigned 32/64-bit; negative ones fail mid-run
 
 
@@ -244,6 +246,18 @@ class TrainConfig:
         False, "Drop groups whose rewards are all equal and sample more prompts to refill the batch (DAPO)."
     )
     max_resample_rounds: int = _f(3, "With dynamic sampling: at most this many extra sampling rounds per step.")
+    kv_bits: int | None = _f(
+        None,
+        "Quantize the rollouts' KV cache to this many bits (mlx-lm's quantized cache: 2, 3, 4, 5, 6 or 8): less "
+        "memory for long completions; the log-prob gap it adds is logged as sampling/sampling_logp_difference. "
+        "Default: not quantized.",
+    )
+    kv_group_size: int = _f(64, "Group size of the KV-cache quantization (32, 64 or 128; must divide the head size).")
+    rollout_batch_size: int | None = _f(
+        None,
+        "Decode at most this many of the batch-size x group-size completions at a time (waves); each prompt is "
+        "still prefilled once. Default: all at once.",
+    )
 
     # --- optimisation
     learning_rate: float = _f(1e-5, "Peak learning rate (AdamW).")
@@ -381,6 +395,7 @@ OPTION_GROUPS: dict[str, tuple[str, ...]] = {
         "batch_size", "group_size", "max_completion_length", "temperature", "top_p", "top_k", "min_p", "stop",
         "dynamic_sampling", "max_resample_rounds",
     ),
+    "rollout memory": ("kv_bits", "kv_group_size", "rollout_batch_size"),
     "rewards and advantages": (
         "reward_functions", "reward_weights", "reward_combination", "scale_rewards", "advantage_baseline",
     ),
@@ -446,6 +461,11 @@ DIFFERENT_MEANING: dict[str, str] = {
         "lora_scale, so use lora_scale = lora_alpha / lora_rank"
     ),
     "hub_model_id": "grpo-mlx's push_to_hub takes the repo id itself: use push_to_hub owner/name",
+    "quantized_kv_start": (
+        "mlx-lm's quantized_kv_start delays the quantization of a long prompt's cache; grpo-mlx's kv_bits "
+        "quantizes the rollout cache after the full-precision prompt prefill, for every completion token: "
+        "remove quantized_kv_start"
+    ),
     "num_train_epochs": (
         "grpo-mlx counts steps, not epochs: use iters (or max_steps) = num_train_epochs * train prompts / batch_size"
     ),
@@ -629,6 +649,7 @@ RESUME_MAY_CHANGE = frozenset(
         "reward_error_policy",
         "max_bad_steps",
         "grad_checkpoint",
+        "rollout_batch_size",  # waves sample what one wave does (per-prompt seeds): memory, not results
         "adapter_path",
         "resume",
         "overwrite",
@@ -854,6 +875,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.demo in (None, *DEMOS), "demo", f"must be one of {', '.join(DEMOS)}")
     need(cfg.tool_timeout >= 0, "tool_timeout", "must be >= 0")
     need(cfg.max_resample_rounds >= 0, "max_resample_rounds", "must be >= 0")
+    _validate_rollout_memory(cfg, need)
     need(cfg.max_prompt_length is None or cfg.max_prompt_length >= 1, "max_prompt_length", "must be at least 1")
     need(cfg.loss_type in LOSS_TYPES, "loss_type", f"must be one of {', '.join(LOSS_TYPES)}")
     need(cfg.scale_rewards in SCALE_REWARDS, "scale_rewards", f"must be one of {', '.join(SCALE_REWARDS)}")
@@ -888,6 +910,24 @@ def validate(cfg: TrainConfig) -> None:
         cfg.gradient_accumulation_steps >= 1 and n % cfg.gradient_accumulation_steps == 0,
         "gradient_accumulation_steps",
         f"must be >= 1 and divide batch_size*group_size = {n}",
+    )
+
+
+def _validate_rollout_memory(cfg: TrainConfig, need) -> None:
+    need(cfg.kv_bits is None or cfg.kv_bits in KV_BITS, "kv_bits", f"must be one of {', '.join(map(str, KV_BITS))}")
+    need(cfg.kv_group_size in KV_GROUP_SIZES, "kv_group_size", f"must be one of {', '.join(map(str, KV_GROUP_SIZES))}")
+    need(cfg.rollout_batch_size is None or cfg.rollout_batch_size >= 1, "rollout_batch_size", "must be at least 1")
+    # episodes rebuild their batch cache at each tool boundary (merge, right-padded prefill): full precision only
+    episodes = bool(cfg.tools or cfg.environment)
+    need(
+        not (episodes and cfg.kv_bits),
+        "kv_bits",
+        "multi-turn episodes (tools, environment) need a full-precision cache",
+    )
+    need(
+        not (episodes and cfg.rollout_batch_size),
+        "rollout_batch_size",
+        "multi-turn episodes (tools, environment) decode every row at once; waves are for single-turn rollouts",
     )
 
 

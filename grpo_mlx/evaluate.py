@@ -124,10 +124,12 @@ def rollouts(
     min_p: float = 0.0,
     progress=None,
     agent=None,
+    sampler_options=None,
 ):
     """(chunk of examples, Rollout of n completions each), batch_size prepared examples a call;
     `progress(done, total)` after each chunk (a real model's pass over 200 prompts takes minutes).
-    With `agent` (grpo_mlx.episodes.Agent) the completions are its multi-turn episodes."""
+    With `agent` (grpo_mlx.episodes.Agent) the completions are its multi-turn episodes.
+    `sampler_options`: generate_groups' kv_bits, kv_group_size, rollout_batch_size."""
     from grpo_mlx.sampler import generate_groups
 
     for start in range(0, len(examples), batch_size):
@@ -147,6 +149,7 @@ def rollouts(
                 top_k=top_k,
                 min_p=min_p,
                 stop=list(stop),
+                **(sampler_options or {}),
             ),
         )
         if progress is not None:
@@ -205,13 +208,15 @@ def held_out(
     batch_size: int = 64,
     progress=None,
     agent=None,
+    sampler_options=None,
 ) -> dict:
     """The held-out figures a training run reports, from one greedy completion per prompt:
     `accuracy` (pass@1 over the prompts that have an answer), `format`, `mean_length` and, with
     `score(chunk, rollout) -> RewardResult`, `mean_reward` (process rewards at their mean).
     `progress(done, total)` is called at the start (0) and after each batch of prompts. With
     `agent` the completions are greedy episodes (its tools), answers read from their last turn,
-    and `tool_use` is the share of episodes that call a tool."""
+    and `tool_use` is the share of episodes that call a tool. `sampler_options` as the run's
+    rollouts (quantized KV cache, waves)."""
     if not examples:
         return {}
     training = model.training
@@ -220,8 +225,9 @@ def held_out(
         progress(0, len(examples))
     texts, lengths, references, totals, called = [], [], [], [], []
     chunks = rollouts(
-        model, tokenizer, examples, 1, max_tokens, 0.0, stop=stop, batch_size=batch_size, progress=progress, agent=agent
-    )
+        model, tokenizer, examples, 1, max_tokens, 0.0, stop=stop, batch_size=batch_size, progress=progress,
+        agent=agent, sampler_options=sampler_options,
+    )  # fmt: skip
     for chunk, roll in chunks:
         answers = final_texts(roll)
         for i, ex in enumerate(chunk):

@@ -6,7 +6,9 @@ Choices, each measured with `grpo-mlx bench` (README, "Speed and memory"):
   thrown away. Each prompt's keys and values are then gathered G times: one prefill per prompt,
   not per completion. Models whose caches are not plain KVCache (sliding windows, SSM state,
   quantized caches) prefill one prompt at a time and merge with their cache type's `merge`.
-- Decode: all B*G rows in one batch, one token per step. Once a quarter of the rows have ended
+  With kv_bits the prefilled cache is quantized before the gather (grpo_mlx.rollout_cache).
+- Decode: all B*G rows in one batch (or waves of rollout_batch_size rows, each gathered from the
+  one prefill), one token per step. Once a quarter of the rows have ended
   (EOS, stop string), the batch and its cache are filtered down to the running rows, so a long
   tail of completions does not pay for the finished ones.
 - Sampling is at logits / temperature by inverse CDF: one uniform number per row, the token is
@@ -119,9 +121,17 @@ def pad_id(tokenizer) -> int:
 def prefill_groups(model, prompts: list[list[int]], group_size: int) -> list:
     """A batch cache (one entry per layer) holding each prompt's context (all but its last
     token) G times, rows ordered b*G + g."""
+    return prefill_prompts(model, prompts).rows(np.repeat(np.arange(len(prompts)), group_size))
+
+
+def prefill_prompts(model, prompts: list[list[int]], kv_bits: int | None = None, kv_group_size: int = 64):
+    """Each prompt's context (all but its last token) prefilled once: a grpo_mlx.rollout_cache.Prefill,
+    whose `rows` gives the batch cache of any rows. kv_bits quantizes it (plain KVCache models)."""
     from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
+    from grpo_mlx.errors import UserError
     from grpo_mlx.logprobs import lm_head_split
+    from grpo_mlx.rollout_cache import Prefill, quantize_layers
 
     split = lm_head_split(model)
     body = split[0] if split else model  # the body fills the cache; skip the lm-head
@@ -135,10 +145,11 @@ def prefill_groups(model, prompts: list[list[int]], group_size: int) -> list:
         for start in range(0, width, PREFILL_STEP):
             body(x[:, start : start + PREFILL_STEP], cache=cache)
             mx.eval([c.state for c in cache])
-        rows = mx.array(np.repeat(np.arange(len(prompts)), group_size))  # (N,)
-        for c in cache:
-            c.filter(rows)
-        return cache
+        return Prefill(layers=quantize_layers(cache, kv_bits, kv_group_size))
+    if kv_bits is not None:
+        kinds = sorted({type(c).__name__ for c in layers} - {"KVCache"})
+        raise UserError(f"'kv_bits' = {kv_bits}: the quantized rollout cache needs plain KVCache layers; "
+                        f"this model also has {', '.join(kinds)} (remove --kv-bits)")  # fmt: skip
     # any other cache type: one prompt at a time, then the type's own batch merge
     per_prompt = []
     for context in contexts:
@@ -147,8 +158,7 @@ def prefill_groups(model, prompts: list[list[int]], group_size: int) -> list:
             body(mx.array(context[start : start + PREFILL_STEP])[None], cache=c)
             mx.eval([layer.state for layer in c])
         per_prompt.append(c)
-    rows = [c for c in per_prompt for _ in range(group_size)]
-    return [type(layer[0]).merge(list(layer)) for layer in zip(*rows)]
+    return Prefill(per_prompt=per_prompt)
 
 
 # ------------------------------------------------------------------ sampling
@@ -291,12 +301,20 @@ def generate_groups(
     stop_check_every: int = 4,
     host_sampling: bool | None = None,
     seeds: list[int] | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    rollout_batch_size: int | None = None,
 ) -> Rollout:
     """Sample `group_size` completions of at most `max_tokens` for each prompt (token ids).
     temperature 0 is greedy decoding. `host_sampling` forces the numpy (True) or MLX (False)
     sampler; by default numpy on the CPU device for vocabularies of HOST_SAMPLING_MIN_VOCAB+.
     `seeds` (one per prompt) key each prompt's random numbers, so its completions do not depend
-    on which other prompts share the batch (data-parallel ranks sample what one process would)."""
+    on which other prompts share the batch (data-parallel ranks sample what one process would).
+    `kv_bits` / `kv_group_size` quantize the KV cache the rows decode with; `rollout_batch_size`
+    decodes the rows in waves of at most that many, each from the prompts' one prefill (with
+    seeds, the completions are those of one wave)."""
+    from grpo_mlx.rollout_cache import wave_slices
+
     if any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt: every prompt needs at least one token")
     eos = np.array(sorted(tokenizer.eos_token_ids), dtype=np.int64)
@@ -304,7 +322,7 @@ def generate_groups(
     n = len(prompts) * group_size
 
     t_start = time.perf_counter()
-    cache = prefill_groups(model, prompts, group_size)
+    prefilled = prefill_prompts(model, prompts, kv_bits, kv_group_size)
     t_prefill = time.perf_counter()
 
     tokens = np.full((n, max_tokens), pad, dtype=np.int32)  # (N, T)
@@ -316,8 +334,31 @@ def generate_groups(
             [np.asarray(mx.random.uniform(shape=(group_size, max_tokens), key=mx.random.key(int(s)))) for s in seeds]
         )
     end = np.full(n, max_tokens + 1)  # (N,) tokens in each ended completion; T+1 while running
+    last = np.array([p[-1] for p in prompts for _ in range(group_size)], dtype=np.int32)  # (N,)
+    waves = wave_slices(n, rollout_batch_size)
+    steps = []
+    for w in waves:  # views of the (N, T) arrays: each wave writes its rows
+        cache = prefilled.rows(np.arange(w.start, w.stop) // group_size)
+        if len(waves) == 1:
+            prefilled = None  # one wave: the prompts' rows are not needed again
+        steps.append(_decode_wave(model, tokenizer, cache, mx.array(last[w]), tokens[w], logprobs[w], entropy[w],
+                                  end[w], None if uniforms is None else uniforms[w], eos, max_tokens, temperature,
+                                  top_p, top_k, min_p, stop, stop_check_every, host_sampling))  # fmt: skip
+    t_decode = time.perf_counter()
+
+    width = min(max(steps), max_tokens)
+    roll = _finish(tokenizer, tokens[:, :width], logprobs[:, :width], end, stop, pad, sum(map(len, prompts)))
+    roll.entropy = np.where(roll.mask, entropy[:, :width], 0.0).astype(np.float32)  # (N, T)
+    roll.prefill_time, roll.decode_time, roll.decode_steps = t_prefill - t_start, t_decode - t_prefill, sum(steps)
+    return roll
+
+
+def _decode_wave(model, tokenizer, cache, y, tokens, logprobs, entropy, end, uniforms, eos, max_tokens, temperature,
+                 top_p, top_k, min_p, stop, stop_check_every, host_sampling) -> int:  # fmt: skip
+    """Decode the rows of `cache` from their first tokens y (n,), writing tokens, logprobs,
+    entropy (n, T) and end (n,) in place; returns the decode steps run."""
+    n = len(end)
     rows = np.arange(n)  # (n,) the original row of each row of the batch
-    y = mx.array([p[-1] for p in prompts for _ in range(group_size)], dtype=mx.int32)  # (n,)
     device_pick = None
     pending = None  # (t, rows, tok, lp) of the step not yet read back
     steps = 0
@@ -373,13 +414,7 @@ def generate_groups(
         read_back(*pending)
     if stop:  # every row: one that met EOS between two checks may hold a stop string before it
         _find_stop_strings(tokenizer, tokens, end, min(steps, max_tokens), stop, every_row=True)
-    t_decode = time.perf_counter()
-
-    width = min(steps, max_tokens)
-    roll = _finish(tokenizer, tokens[:, :width], logprobs[:, :width], end, stop, pad, sum(map(len, prompts)))
-    roll.entropy = np.where(roll.mask, entropy[:, :width], 0.0).astype(np.float32)  # (N, T)
-    roll.prefill_time, roll.decode_time, roll.decode_steps = t_prefill - t_start, t_decode - t_prefill, steps
-    return roll
+    return steps
 
 
 def _find_stop_strings(tokenizer, tokens, end, t, stop, every_row: bool = False):

@@ -37,6 +37,7 @@ from grpo_mlx.policy import (
     model_vocab_size,
     snapshot_adapters,
 )
+from grpo_mlx.rollout_cache import sampler_options
 from grpo_mlx.sampler import Rollout, generate_groups, pad_id
 from grpo_mlx.step import (
     Objective,
@@ -329,6 +330,7 @@ class Trainer:
             cfg.min_p,
             cfg.stop,
             seeds=seeds,
+            **sampler_options(cfg),  # quantized KV cache, waves (grpo_mlx.rollout_cache)
         )
 
     def epoch(self) -> float:
@@ -355,6 +357,7 @@ class Trainer:
         return held_out(self.model, self.tokenizer, examples, self.cfg.max_completion_length, self.cfg.stop,
                         score=lambda chunk, roll: self.score(chunk, roll, context),  # logs stay out of the steps
                         agent=self.agent,  # with tools: the same episodes, greedy
+                        sampler_options=sampler_options(self.cfg),
                         progress=lambda done, total: self.bus.emit(events.Message(
                             level="info", text=progress_text(done, total))))  # fmt: skip
 

@@ -101,3 +101,15 @@ def test_whole_logits_are_skipped_when_they_would_not_fit(tmp_path, monkeypatch)
     monkeypatch.setattr(bench, "_available_memory", lambda: 8 * 2**30)  # 8 GB available: it runs
     assert cli.main(args) == 0
     assert json.loads(path.read_text())["logprobs"]["whole"]["peak_gb"] > 0
+
+
+def test_rollout_memory_section_compares_the_cache_and_waves(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert cli.main(["bench", "--quick", "--only", "rollout-memory", "-G", "4", "--json", str(path)]) == 0
+    assert "rollout memory" in capsys.readouterr().out
+    v = json.loads(path.read_text())["rollout_memory"]["variants"]
+    assert set(v) == {"full precision", "kv_bits 8", "kv_bits 4", "waves of 4", "waves of 2"}
+    for name, row in v.items():
+        assert row["generated"] == 2 * 4 * 8 and row["decode_tok_s"] > 0 and row["peak_gb"] > 0, name
+    assert v["full precision"]["logp_diff_mean"] < 1e-5 and v["waves of 2"]["logp_diff_mean"] < 1e-5
+    assert v["kv_bits 4"]["logp_diff_mean"] > v["kv_bits 8"]["logp_diff_mean"] > 1e-5, "the gap the cache adds"

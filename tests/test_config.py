@@ -63,6 +63,12 @@ def test_yaml_syntax_error_names_line(tmp_path):
         ({"reward_weights": [1.0, 2.0]}, "reward_weights"),
         ({"scale_rewards": "median"}, "scale_rewards"),
         ({"batch_size": 3, "group_size": 2, "gradient_accumulation_steps": 4}, "gradient_accumulation_steps"),
+        ({"kv_bits": 7}, "kv_bits"),
+        ({"kv_bits": 16}, "kv_bits"),
+        ({"kv_group_size": 16}, "kv_group_size"),
+        ({"rollout_batch_size": 0}, "rollout_batch_size"),
+        ({"kv_bits": 8, "tools": ["calculator"]}, "kv_bits"),
+        ({"rollout_batch_size": 4, "demo": "tools"}, "rollout_batch_size"),
     ],
 )
 def test_invalid_values_name_the_key(flags, key):
@@ -463,3 +469,20 @@ def test_prompt_and_dataset_flags():
     args = cli.make_parser().parse_args(["train", "--ignore-chat-template", "--data-config", "main", "--dry-run"])
     cfg = cli.config_from_args(args)
     assert cfg.ignore_chat_template is True and cfg.data_config == "main" and args.dry_run
+
+
+def test_rollout_memory_flags_and_their_mlx_lm_names(tmp_path):
+    args = cli.make_parser().parse_args(
+        ["train", "--kv-bits", "8", "--kv-group-size", "32", "--rollout-batch-size", "5"]
+    )
+    cfg = cli.config_from_args(args)
+    assert (cfg.kv_bits, cfg.kv_group_size, cfg.rollout_batch_size) == (8, 32, 5)
+    cfg = build_config({"kv_bits": "4", "kv_group_size": "32", "rollout_batch_size": "16"})
+    assert (cfg.kv_bits, cfg.kv_group_size, cfg.rollout_batch_size) == (4, 32, 16)
+    assert (build_config({}).kv_bits, build_config({}).rollout_batch_size) == (None, None)  # off by default
+    path = tmp_path / "run.yaml"
+    path.write_text("kv_bits: 8\nquantized_kv_start: 100\n")  # mlx-lm's generate option, another meaning
+    with pytest.raises(ConfigError, match="quantized_kv_start.*remove quantized_kv_start"):
+        build_config({}, str(path))
+    with pytest.raises(ConfigError, match="'kv_bits' = 7: must be one of 2, 3, 4, 5, 6, 8"):
+        cli.config_from_args(cli.make_parser().parse_args(["train", "--kv-bits", "7"]))

@@ -277,3 +277,16 @@ def test_prompt_options_reach_the_trainer_and_its_notes_the_run_log_once(tmp_pat
     plain = Trainer(small_config(tmp_path / "b"))
     plain.setup()
     assert plain.train_examples[0]["prompt_text"] == plain.train_examples[0]["prompt"] + "="
+
+
+def test_quantized_cache_and_waves_train_and_log_the_gap(tmp_path):
+    """The demo with an 8-bit rollout cache decoded in waves: the steps run, and every step logs
+    the sampler/trainer log-prob gap, now above the float noise of a full-precision cache."""
+    cfg = small_config(tmp_path, iters=2, kv_bits=8, kv_group_size=32, rollout_batch_size=6)
+    trainer = Trainer(cfg)
+    trainer.run()
+    steps = [e for e in read_jsonl(str(trainer.run_dir / "metrics.jsonl")) if e["type"] == "step"]
+    assert len(steps) == 2
+    for s in steps:
+        gap = s["metrics"]["sampling/sampling_logp_difference/mean"]
+        assert 1e-5 < gap < 0.05 and s["metrics"]["sampling/sampling_logp_difference/max"] >= gap
