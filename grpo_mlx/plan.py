@@ -77,8 +77,8 @@ class Shape:
 
     def linears(self) -> list[tuple[int, int]]:
         """(in, out) of each linear layer of one block."""
-        D, I, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return [(D, q), (D, kv), (D, kv), (q, D), (D, I), (D, I), (I, D)]
+        d, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return [(d, q), (d, kv), (d, kv), (q, d), (d, i), (d, i), (i, d)]
 
     def params(self) -> int:
         block = sum(i * o for i, o in self.linears()) + 2 * self.hidden
@@ -147,16 +147,16 @@ def predict(cfg, config: dict, prompt_len: int, float_bytes: int = 4) -> dict[st
     decode = rows * (3 * s.vocab * 4 + 4 * (s.hidden + s.intermediate) * float_bytes) + B * P * s.hidden * 4
     rollout = kv_cache + decode
 
-    layer = activation_values(s, positions) * 4  # bytes per token and block
+    layer = activation_values(s, positions) * float_bytes  # bytes per token and block, in the model's dtype
     reference = 0.0
     if cfg.beta > 0:  # one forward over all rows, no gradient: a block's values at a time
-        reference = N * positions * (layer + s.hidden * 4) + logprob_pass_bytes(N * T, s.vocab)
+        reference = N * positions * (layer + s.hidden * float_bytes) + logprob_pass_bytes(N * T, s.vocab)
 
     k = max(cfg.gradient_accumulation_steps, 1)
     n = math.ceil(N / k)
     share = 1 / k + (1 - 1 / k) * MICRO_LINGER  # of the whole batch's activations
     if cfg.grad_checkpoint:  # block inputs kept, one block recomputed at a time
-        kept = N * share * positions * (s.layers * CHECKPOINT_KEEP * s.hidden * 4 + layer)
+        kept = N * share * positions * (s.layers * CHECKPOINT_KEEP * s.hidden * float_bytes + layer)
     else:
         kept = N * share * positions * s.layers * layer
     training = kept + logprob_pass_bytes(n * T, s.vocab)
@@ -221,8 +221,7 @@ def prompt_length(cfg) -> int:
 
 
 def on_gpu() -> bool:
-    import grpo_mlx.blas  # noqa: F401  (the system BLAS before MLX)
-    import mlx.core as mx
+    import mlx.core as mx  # grpo_mlx's import has loaded the system BLAS already
 
     return mx.default_device() != mx.cpu
 
@@ -274,7 +273,8 @@ def candidate_changes(cfg, config: dict) -> list[tuple[str, dict, dict]]:
     out += [(f"--max-completion-length {T // d}", {"max_completion_length": T // d}, {}) for d in (2, 4) if T // d]
     q = config.get("quantization") or {}
     if not q.get("bits") or q["bits"] > 4:
-        out.append(("a 4-bit base model (mlx_lm.convert -q --q-bits 4)", {}, {"quantization": {"bits": 4, "group_size": 64}}))  # fmt: skip
+        four_bit = {"quantization": {"bits": 4, "group_size": 64}}
+        out.append(("a 4-bit base model (mlx_lm.convert -q --q-bits 4)", {}, four_bit))
     return out
 
 

@@ -55,8 +55,7 @@ def run_config(B, G, P, T, k, ckpt, beta=0.0):
 
 def measure(spec, bits, B, G, P, T, k, ckpt, beta=0.0, steps=2) -> float:
     """The largest step peak (bytes) of `steps` real training steps."""
-    import grpo_mlx  # noqa: F401  (the system BLAS before MLX)
-    import mlx.core as mx
+    import mlx.core as mx  # grpo_mlx's import has loaded the system BLAS already
     import mlx.nn as nn
 
     from grpo_mlx.policy import add_adapters
@@ -96,11 +95,55 @@ def params(spec: str) -> int:
     return Shape.from_config(model_config(spec, 0)).params()
 
 
+# Qwen2.5 shapes (their config.json), 4-bit, for the "what fits" table
+QWEN25 = {
+    "0.5B": dict(hidden_size=896, num_hidden_layers=24, intermediate_size=4864, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "1.5B": dict(hidden_size=1536, num_hidden_layers=28, intermediate_size=8960, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "3B": dict(hidden_size=2048, num_hidden_layers=36, intermediate_size=11008, num_attention_heads=16,
+               num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "7B": dict(hidden_size=3584, num_hidden_layers=28, intermediate_size=18944, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+}  # fmt: skip
+MAC_GB = (8, 16, 24, 36, 64)
+WORKING_SET = 0.75  # Metal's recommended working set is about this share of a Mac's memory
+FITS_G, FITS_T = (4, 8, 16, 32), (128, 256, 512, 1024, 2048, 4096)
+
+
+def what_fits(prompt_tokens: int = 256, batch_size: int = 1) -> None:
+    """For each Mac and model: the largest G x completion length (by their product) the planner
+    fits with gradient checkpointing, bf16 activations, B prompts of `prompt_tokens`, otherwise
+    the default options."""
+    from grpo_mlx.config import DEMO_DATA, build_config
+    from grpo_mlx.plan import predict
+
+    print("| Mac memory | " + " | ".join(f"Qwen2.5-{m} 4-bit" for m in QWEN25) + " |")
+    print("|---" * (len(QWEN25) + 1) + "|")
+    for mem in MAC_GB:
+        cells = []
+        for shape in QWEN25.values():
+            config = {"model_type": "qwen2", **shape, "quantization": {"bits": 4, "group_size": 64}}
+            best = None
+            for G in FITS_G:
+                for T in FITS_T:
+                    cfg = build_config(dict(data=DEMO_DATA, model="x/y", batch_size=batch_size, group_size=G,
+                                            max_completion_length=T, grad_checkpoint=True))  # fmt: skip
+                    if predict(cfg, config, prompt_tokens, 2)["total"] <= WORKING_SET * mem * 1e9:
+                        best = max(best or (0, 0, 0), (G * T, G, T))
+            cells.append(f"G={best[1]} x {best[2]}" if best else "does not fit")
+        print(f"| {mem} GB | " + " | ".join(cells) + " |")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m grpo_mlx.plan_check", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="Only the first three shapes.")
+    parser.add_argument("--fits", action="store_true", help="Print the 'what fits' table of Macs and models.")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.fits:
+        what_fits()
+        return 0
     if args.one:
         print(measure(*json.loads(args.one)))
         return 0
