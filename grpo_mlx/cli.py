@@ -133,7 +133,7 @@ def _add_field_flag(group, f: dataclasses.Field) -> None:
 # `run(args) -> int`, registered as entry points of this group (pyproject.toml). Those modules
 # must import cheaply (MLX only inside `run`).
 COMMAND_GROUP = "grpo_mlx.commands"
-COMMAND_ORDER = ("tui", "eval", "fuse", "bench")  # as `grpo-mlx --help` lists them; others after
+COMMAND_ORDER = ("tui", "eval", "fuse", "bench", "plan")  # as `grpo-mlx --help` lists them; others after
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -278,6 +278,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     use_system_blas()
     import mlx.core as mx
 
+    from grpo_mlx.plan import check_run
+
+    if mx.distributed.init().rank() == 0 and not cfg.resume:
+        check_run(cfg)  # the memory plan: refused here, before any weight loads
     from grpo_mlx.events import EventBus
     from grpo_mlx.trainer import Trainer
 

@@ -266,6 +266,9 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this (0 = off).")
     gradient_accumulation_steps: int = _f(1, "Split each step's B*G completions into this many micro-batches.")
+    ignore_memory_plan: bool = _f(
+        False, "Start even when the memory plan (`grpo-mlx plan`) predicts the run does not fit."
+    )
     grad_checkpoint: bool = _f(
         False,
         "Recompute each transformer block's activations in the backward pass instead of keeping them: "
@@ -413,7 +416,7 @@ OPTION_GROUPS: dict[str, tuple[str, ...]] = {
     ),
     "optimisation": (
         "iters", "learning_rate", "warmup_steps", "min_lr_ratio", "weight_decay", "max_grad_norm",
-        "gradient_accumulation_steps", "grad_checkpoint",
+        "gradient_accumulation_steps", "grad_checkpoint", "ignore_memory_plan",
     ),
     "judge": (
         "judge_model", "judge_rubric", "judge_mode", "judge_scale", "judge_max_tokens", "judge_temperature",

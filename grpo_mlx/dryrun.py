@@ -161,7 +161,17 @@ def section_rewards(run: DryRun, out: TextIO) -> None:
         out.write(f"  {label} {text!r:.100}\n    -> {shown}\n")
 
 
-SECTIONS = [section_setup, section_prompts, section_rewards]
+def section_plan(run: DryRun, out: TextIO) -> None:
+    from grpo_mlx.plan import MemoryPlanError, format_plan, make_plan
+
+    lengths = [len(ex["prompt_ids"]) for ex in run.train] or [0]
+    try:
+        out.write("\n" + format_plan(make_plan(run.cfg, prompt_len=max(lengths))) + "\n")
+    except MemoryPlanError as e:
+        out.write(f"\nmemory plan: {e}\n")
+
+
+SECTIONS = [section_setup, section_prompts, section_rewards, section_plan]
 
 
 def dry_run(cfg: TrainConfig, out: TextIO) -> int:
