@@ -333,6 +333,8 @@ def update_policy(
             update.losses.append(loss)
             for key, v in metrics.items():
                 update.metrics.setdefault(key, []).append(v)
+            if k > 1:  # free this slice's activations before the next: what micro-batches are for
+                mx.eval(acc, loss, metrics, first_logps[-1] if it == 0 else [])
         if k > 1:
             acc = tree_map(lambda g: g / k, acc)
         acc = world.average_gradients(acc)  # data parallel: the global batch's gradient
