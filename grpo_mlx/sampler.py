@@ -318,7 +318,6 @@ def generate_groups(
     end = np.full(n, max_tokens + 1)  # (N,) tokens in each ended completion; T+1 while running
     rows = np.arange(n)  # (n,) the original row of each row of the batch
     y = mx.array([p[-1] for p in prompts for _ in range(group_size)], dtype=mx.int32)  # (n,)
-    device_pick = None
     pending = None  # (t, rows, tok, lp) of the step not yet read back
     steps = 0
 
@@ -333,22 +332,16 @@ def generate_groups(
         if stop and (t + 1) % stop_check_every == 0:
             _find_stop_strings(tokenizer, tokens, end, t + 1, stop)
 
+    decoder = _compiled_decoder(model, cache, max_tokens, temperature, top_p, top_k, min_p, host_sampling, uniforms)
+    decoder = decoder or EagerDecoder(model, cache, (temperature, top_p, top_k, min_p), host_sampling)
     for t in range(max_tokens):
-        logits = model(y[:, None], cache=cache)[:, -1, :]  # (n, V)
         steps += 1
-        if host_sampling is None:
-            host_sampling = (
-                mx.default_device() == mx.cpu
-                and logits.shape[-1] >= HOST_SAMPLING_MIN_VOCAB
-                and not _is_filtered(temperature, top_p, top_k, min_p)
-            )
         u = None if uniforms is None else uniforms[rows, t]  # (n,)
+        tok, lp, ent = decoder(y, u)  # (n,) each: numpy when sampled on the host
+        host_sampling = decoder.host
         if host_sampling:
-            tok, lp, ent = host_pick(logits, temperature, u)
             y = mx.array(tok)
         else:
-            device_pick = device_pick or make_device_picker(temperature, top_p, top_k, min_p, keyed=u is not None)
-            tok, lp, ent = device_pick(logits) if u is None else device_pick(logits, mx.array(u)[:, None])
             mx.async_eval(tok, lp, ent)
             y = tok
         if pending is not None:  # the previous step, finished while this one was queued
@@ -365,8 +358,7 @@ def generate_groups(
         if running.mean() <= 1.0 - COMPACT_FRACTION and all(hasattr(c, "filter") for c in cache):
             keep = np.nonzero(running)[0]  # (n',)
             index = mx.array(keep)
-            for c in cache:
-                c.filter(index)
+            decoder.filter(index)
             y = y[index]
             rows = rows[keep]
     if pending is not None:
@@ -380,6 +372,48 @@ def generate_groups(
     roll.entropy = np.where(roll.mask, entropy[:, :width], 0.0).astype(np.float32)  # (N, T)
     roll.prefill_time, roll.decode_time, roll.decode_steps = t_prefill - t_start, t_decode - t_prefill, steps
     return roll
+
+
+class EagerDecoder:
+    """One decode step through the model's own graph and the KV caches as they are: sampled in
+    numpy (`host`, decided at the first step unless forced) or by MLX's compiled picker."""
+
+    def __init__(self, model, cache, sampling: tuple, host_sampling: bool | None):
+        self.model, self.cache, self.sampling, self.host = model, cache, sampling, host_sampling
+        self.pick = None
+
+    def __call__(self, y, u=None):
+        """(token, log-prob, entropy) (n,) each from the last tokens y (n,); u (n,) keyed uniforms."""
+        logits = self.model(y[:, None], cache=self.cache)[:, -1, :]  # (n, V)
+        if self.host is None:
+            self.host = (
+                mx.default_device() == mx.cpu
+                and logits.shape[-1] >= HOST_SAMPLING_MIN_VOCAB
+                and not _is_filtered(*self.sampling)
+            )
+        if self.host:
+            return host_pick(logits, self.sampling[0], u)
+        self.pick = self.pick or make_device_picker(*self.sampling, keyed=u is not None)
+        return self.pick(logits) if u is None else self.pick(logits, mx.array(u)[:, None])
+
+    def filter(self, index) -> None:
+        for c in self.cache:
+            c.filter(index)
+
+
+def _compiled_decoder(model, cache, max_tokens, temperature, top_p, top_k, min_p, host_sampling, uniforms):
+    """grpo_mlx.decode's compiled step where it applies: MLX sampling (not the numpy sampler, which
+    the CPU device uses for large vocabularies) over plain batch caches; None decodes eagerly."""
+    from grpo_mlx import decode
+
+    vocab = getattr(model, "_grpo_vocab", 0)  # known once prefill has split off the lm-head
+    if not decode.enabled() or host_sampling or not vocab:
+        return None
+    numpy_default = mx.default_device() == mx.cpu and vocab >= HOST_SAMPLING_MIN_VOCAB
+    if host_sampling is None and numpy_default and not _is_filtered(temperature, top_p, top_k, min_p):
+        return None  # the numpy sampler's case
+    picker = make_device_picker(temperature, top_p, top_k, min_p, keyed=uniforms is not None, compiled=False)
+    return decode.static_decoder(model, cache, max_tokens, picker)
 
 
 def _find_stop_strings(tokenizer, tokens, end, t, stop, every_row: bool = False):
