@@ -9,13 +9,27 @@ masks the positions not yet written (and each row's left padding). Masked positi
 exp(-inf) = 0 to the softmax, so the attention is that of the growing cache up to the order of
 its float sums. The token picker runs inside the same compiled function.
 
+Each LoRA layer adds four operations to its linear layer (two matmuls, a scale, an add): over
+a rollout the adapters do not change, so `merged_adapters` folds them into dense weights for
+its length (W + scale * A B, mlx-lm's own fuse), when the copies are small (MERGE_MAX_BYTES).
+That changes the float sums' order only: x (W + s A B) against x W + s (x A) B.
+
 Only plain BatchKVCache layers (what prefill_groups builds for full-attention models) qualify;
 everything else decodes eagerly as before (`static_decoder` returns None).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
+
 import mlx.core as mx
+import mlx.nn as nn
+
+# dense copies of the adapted weights made for a rollout stay under this many bytes: on small
+# models the LoRA operations cost more than the copy; large models are bound by reading weights
+MERGE_MAX_BYTES = 256 * 2**20
 
 
 class StaticCache:
@@ -96,6 +110,46 @@ def static_decoder(model, cache: list, max_tokens: int, picker):
 
 def enabled() -> bool:
     """GRPO_MLX_EAGER_DECODE=1 turns the compiled step off (to compare the two; a fallback)."""
-    import os
-
     return os.environ.get("GRPO_MLX_EAGER_DECODE", "") != "1"
+
+
+def _mergeable(model: nn.Module) -> list:
+    """(parent, name, layer) of the LoRA layers over plain float Linear layers that can be
+    folded: no dropout in effect (a folded layer could not drop), all together under
+    MERGE_MAX_BYTES; [] when any cannot (a half-merged model would gain little)."""
+    from mlx_lm.tuner.lora import LoRALinear
+
+    found, size = [], 0
+    for _, parent in model.named_modules():
+        for name, child in parent.children().items():
+            if type(child) is LoRALinear:
+                if type(child.linear) is not nn.Linear or (child.dropout._p_1 < 1 and child.training):
+                    return []
+                found.append((parent, name, child))
+                size += child.linear.weight.nbytes
+    return found if size <= MERGE_MAX_BYTES else []
+
+
+@contextlib.contextmanager
+def merged_adapters(model: nn.Module):
+    """The model with its LoRA layers folded into dense Linear layers for the block, restored
+    after. GRPO_MLX_MERGE_ADAPTERS=0 leaves them as they are."""
+    layers = [] if os.environ.get("GRPO_MLX_MERGE_ADAPTERS", "") == "0" else _mergeable(model)
+    for parent, name, layer in layers:
+        parent[name] = layer.fuse()  # lazily W + scale * (A B)^T, evaluated by the first forward
+    try:
+        yield model
+    finally:
+        for parent, name, layer in layers:
+            parent[name] = layer
+
+
+def with_merged_adapters(fn):
+    """fn(model, ...) run inside merged_adapters(model)."""
+
+    @functools.wraps(fn)
+    def wrapped(model, *args, **kwargs):
+        with merged_adapters(model):
+            return fn(model, *args, **kwargs)
+
+    return wrapped

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from grpo_mlx.decode import with_merged_adapters
+
 HOST_SAMPLING_MIN_VOCAB = 4096  # below this the MLX softmax is cheap and keeps the pipeline full
 COMPACT_FRACTION = 0.25  # filter the batch once this fraction of its rows has ended
 PREFILL_STEP = 512  # prompt tokens per prefill forward (bounds the attention's memory)
@@ -277,6 +279,7 @@ def decode_completion(tokenizer, ids: list[int], stop=()) -> str:
     return text[: min(starts)] if starts else text
 
 
+@with_merged_adapters
 def generate_groups(
     model,
     tokenizer,

@@ -77,3 +77,60 @@ def test_static_cache_masks_left_padding_and_unwritten_positions():
     assert k.shape == (2, 1, 6, 4) and k[:, 0, 3].sum().item() == 8 and k.sum().item() == 8
     mask = np.array(c.make_mask(1))[:, 0, 0]  # (2, 6)
     np.testing.assert_array_equal(mask, [[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 0, 0]])
+
+
+def _lora_model(dropout=0.0):
+    from mlx.utils import tree_map
+
+    from grpo_mlx.config import DEMO_DATA, build_config
+    from grpo_mlx.policy import add_adapters
+
+    model, tok = load_model(DEMO_MODEL)
+    add_adapters(model, build_config({"data": DEMO_DATA, "lora_dropout": dropout}))
+    mx.random.seed(5)
+    model.update(tree_map(lambda a: a + 0.05 * mx.random.normal(a.shape), model.trainable_parameters()))
+    return model, tok
+
+
+def test_merged_adapters_give_the_same_model_and_are_restored():
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.lora import LoRALinear
+
+    from grpo_mlx.decode import merged_adapters
+
+    model, _ = _lora_model()
+    x = mx.array([[1, 5, 9, 13, 2, 7]])
+    before = model(x)
+    n_lora = sum(type(m) is LoRALinear for _, m in model.named_modules())
+    with merged_adapters(model):
+        assert not any(type(m) is LoRALinear for _, m in model.named_modules())
+        merged = model(x)
+    assert sum(type(m) is LoRALinear for _, m in model.named_modules()) == n_lora > 0
+    assert len(tree_flatten(model.trainable_parameters())) == 2 * n_lora  # the adapters train as before
+    assert mx.abs(before).max().item() > 0.1
+    np.testing.assert_allclose(np.array(merged), np.array(before), atol=1e-4, rtol=1e-4)
+
+
+def test_adapters_stay_unmerged_with_dropout_or_when_too_big(monkeypatch):
+    import grpo_mlx.decode as decode
+
+    model, _ = _lora_model(dropout=0.1)
+    model.train()
+    assert decode._mergeable(model) == []
+    model.eval()
+    assert decode._mergeable(model) != []
+    monkeypatch.setattr(decode, "MERGE_MAX_BYTES", 16)
+    assert decode._mergeable(model) == []
+
+
+def test_rollout_with_merged_adapters_matches_teacher_forcing(monkeypatch):
+    """Sampled log-probs with the folded adapters are those of the adapted model."""
+    from grpo_mlx.batch import training_arrays
+    from grpo_mlx.logprobs import completion_logprobs
+
+    model, tok = _lora_model()
+    prompts = _prompts(tok, ["12+34", "7+8"])
+    roll = generate_groups(model, tok, prompts, 3, 8)
+    tokens, prompt_lens, mask = training_arrays(prompts, roll, 3, pad_id=tok.eos_token_id)
+    forced = np.array(completion_logprobs(model, tokens, prompt_lens, mask.shape[1]))[:, : roll.tokens.shape[1]]
+    assert np.abs((forced - roll.logprobs) * roll.mask).max() < 1e-4
