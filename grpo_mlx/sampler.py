@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from grpo_mlx.decode import with_merged_adapters
+
 HOST_SAMPLING_MIN_VOCAB = 4096  # below this the MLX softmax is cheap and keeps the pipeline full
 COMPACT_FRACTION = 0.25  # filter the batch once this fraction of its rows has ended
 PREFILL_STEP = 512  # prompt tokens per prefill forward (bounds the attention's memory)
@@ -287,6 +289,7 @@ def decode_completion(tokenizer, ids: list[int], stop=()) -> str:
     return text[: min(starts)] if starts else text
 
 
+@with_merged_adapters
 def generate_groups(
     model,
     tokenizer,
@@ -359,7 +362,6 @@ def _decode_wave(model, tokenizer, cache, y, tokens, logprobs, entropy, end, uni
     entropy (n, T) and end (n,) in place; returns the decode steps run."""
     n = len(end)
     rows = np.arange(n)  # (n,) the original row of each row of the batch
-    device_pick = None
     pending = None  # (t, rows, tok, lp) of the step not yet read back
     steps = 0
 
@@ -374,22 +376,16 @@ def _decode_wave(model, tokenizer, cache, y, tokens, logprobs, entropy, end, uni
         if stop and (t + 1) % stop_check_every == 0:
             _find_stop_strings(tokenizer, tokens, end, t + 1, stop)
 
+    decoder = _compiled_decoder(model, cache, max_tokens, temperature, top_p, top_k, min_p, host_sampling, uniforms)
+    decoder = decoder or EagerDecoder(model, cache, (temperature, top_p, top_k, min_p), host_sampling)
     for t in range(max_tokens):
-        logits = model(y[:, None], cache=cache)[:, -1, :]  # (n, V)
         steps += 1
-        if host_sampling is None:
-            host_sampling = (
-                mx.default_device() == mx.cpu
-                and logits.shape[-1] >= HOST_SAMPLING_MIN_VOCAB
-                and not _is_filtered(temperature, top_p, top_k, min_p)
-            )
         u = None if uniforms is None else uniforms[rows, t]  # (n,)
+        tok, lp, ent = decoder(y, u)  # (n,) each: numpy when sampled on the host
+        host_sampling = decoder.host
         if host_sampling:
-            tok, lp, ent = host_pick(logits, temperature, u)
             y = mx.array(tok)
         else:
-            device_pick = device_pick or make_device_picker(temperature, top_p, top_k, min_p, keyed=u is not None)
-            tok, lp, ent = device_pick(logits) if u is None else device_pick(logits, mx.array(u)[:, None])
             mx.async_eval(tok, lp, ent)
             y = tok
         if pending is not None:  # the previous step, finished while this one was queued
@@ -406,8 +402,7 @@ def _decode_wave(model, tokenizer, cache, y, tokens, logprobs, entropy, end, uni
         if running.mean() <= 1.0 - COMPACT_FRACTION and all(hasattr(c, "filter") for c in cache):
             keep = np.nonzero(running)[0]  # (n',)
             index = mx.array(keep)
-            for c in cache:
-                c.filter(index)
+            decoder.filter(index)
             y = y[index]
             rows = rows[keep]
     if pending is not None:
@@ -415,6 +410,48 @@ def _decode_wave(model, tokenizer, cache, y, tokens, logprobs, entropy, end, uni
     if stop:  # every row: one that met EOS between two checks may hold a stop string before it
         _find_stop_strings(tokenizer, tokens, end, min(steps, max_tokens), stop, every_row=True)
     return steps
+
+
+class EagerDecoder:
+    """One decode step through the model's own graph and the KV caches as they are: sampled in
+    numpy (`host`, decided at the first step unless forced) or by MLX's compiled picker."""
+
+    def __init__(self, model, cache, sampling: tuple, host_sampling: bool | None):
+        self.model, self.cache, self.sampling, self.host = model, cache, sampling, host_sampling
+        self.pick = None
+
+    def __call__(self, y, u=None):
+        """(token, log-prob, entropy) (n,) each from the last tokens y (n,); u (n,) keyed uniforms."""
+        logits = self.model(y[:, None], cache=self.cache)[:, -1, :]  # (n, V)
+        if self.host is None:
+            self.host = (
+                mx.default_device() == mx.cpu
+                and logits.shape[-1] >= HOST_SAMPLING_MIN_VOCAB
+                and not _is_filtered(*self.sampling)
+            )
+        if self.host:
+            return host_pick(logits, self.sampling[0], u)
+        self.pick = self.pick or make_device_picker(*self.sampling, keyed=u is not None)
+        return self.pick(logits) if u is None else self.pick(logits, mx.array(u)[:, None])
+
+    def filter(self, index) -> None:
+        for c in self.cache:
+            c.filter(index)
+
+
+def _compiled_decoder(model, cache, max_tokens, temperature, top_p, top_k, min_p, host_sampling, uniforms):
+    """grpo_mlx.decode's compiled step where it applies: MLX sampling (not the numpy sampler, which
+    the CPU device uses for large vocabularies) over plain batch caches; None decodes eagerly."""
+    from grpo_mlx import decode
+
+    vocab = getattr(model, "_grpo_vocab", 0)  # known once prefill has split off the lm-head
+    if not decode.enabled() or host_sampling or not vocab:
+        return None
+    numpy_default = mx.default_device() == mx.cpu and vocab >= HOST_SAMPLING_MIN_VOCAB
+    if host_sampling is None and numpy_default and not _is_filtered(temperature, top_p, top_k, min_p):
+        return None  # the numpy sampler's case
+    picker = make_device_picker(temperature, top_p, top_k, min_p, keyed=uniforms is not None, compiled=False)
+    return decode.static_decoder(model, cache, max_tokens, picker)
 
 
 def _find_stop_strings(tokenizer, tokens, end, t, stop, every_row: bool = False):
