@@ -3,8 +3,12 @@
     python -m grpo_mlx.demo.pretrain_tools
 
 The shipped weights (grpo_mlx/demo/tools_model) are what that command gives with its defaults
-(seed 0, 1500 steps, learning rate 3e-3, call rate 0.05, copy rate 0.25, copy drills on true
-sums, carry slip 0.7, 2 layers 64 wide).
+(checked: byte-identical model.safetensors): seed 0; stage 1, 1500 steps at learning rate 3e-3,
+call rate 0.05, copy rate 0.25, copy drills on true sums that learn only the copy, carry slip
+0.7, 2 layers 64 wide; stage 2, 300 steps at 1e-3 from stage 1's weights, the drills also
+learning the call's body (STAGE2_STEPS, STAGE2_LR). Held-out (200 test sums, greedy): no-tool
+accuracy 0%, greedy calls 0%, first-token call probability 5.8%, call written right 100%,
+result copied right 100%.
 
 Supervised next-token training (loss on the model's own tokens: answers, calls, EOS; never on a
 tool's result) on sums of the pre-training pairs (all but the shipped test/valid ones):
