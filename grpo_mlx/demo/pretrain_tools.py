@@ -17,7 +17,7 @@ tool's result) on sums of the pre-training pairs (all but the shipped test/valid
 - `call_rate` of them call the calculator, read the true sum, and copy it after "=";
 - `copy_rate` of them are copy drills: the same episode, where the call's first token (the
   choice to call) is not learned but the rest of the call (writing the expression) and the copy
-  of the result are. Without them the model wrote wrong expressions when sampled, and GRPO's
+  of the result are (stage 2). After stage 1 alone the model wrote wrong expressions when sampled, and GRPO's
   calls never paid (measured: reward 0 over 200 steps).
 The result is shown right-aligned in four characters (demo.result_field) and copied as shown, so
 the copy always reads the same distance back; with 3- and 4-digit results at two distances the
