@@ -88,6 +88,21 @@ def test_shipped_model_answers_badly_alone(loaded):
     assert m["n"] == 100 and m["accuracy"] <= 0.5 and m["tool_use"] <= 0.2
 
 
+def test_results_are_shown_right_aligned():
+    assert [demo.result_field(r) for r in ("3", "579", "1910", "Error: x")] == ["   3", " 579", "1910", "Error: x"]
+    assert demo.response_text("579") == "<tool_response> 579</tool_response>="
+
+
+def test_shipped_model_writes_the_call_and_copies_the_result(loaded):
+    from grpo_mlx.demo.pretrain_tools import report
+
+    model, tok = loaded
+    pairs = demo.split_pairs()["test"][:50]  # held-out sums
+    stats = report(model, tok, pairs)
+    assert stats["call_written"] >= 0.98 and stats["copy_accuracy"] >= 0.98  # greedy, after "<tool_call>"
+    assert stats["direct_accuracy"] <= 0.5 and stats["call_probability"] <= 0.2  # alone: wrong, rarely calls
+
+
 def test_final_answer_reward():
     call = demo.call_text("1+2") + demo.response_text("3")
     done = ["3", "4", call + "3", call, call + "33"]

@@ -6,7 +6,8 @@ Choices, stated once:
 - operands are 100..999, so every prompt ("123+456") renders to the same 8 tokens ("123+456=").
 - the model answers directly ("579" then <eos>), or calls the built-in `calculator` tool:
   <tool_call>{"name": "calculator", "arguments": {"expression": "123+456"}}</tool_call>, reads
-  <tool_response>579</tool_response>= and then writes the answer. Its pre-training
+  <tool_response> 579</tool_response>= (the result right-aligned in four characters) and
+  then copies it (" 579"; the reward strips the space). Its pre-training
   (grpo_mlx.demo.pretrain_tools) answers directly with forgotten carries and calls the tool in a
   few percent of the examples only, so GRPO has a better way to find.
 - the chat template writes every message's content with no roles (the model is character-level
@@ -41,9 +42,14 @@ TOOL_RESPONSE, TOOL_RESPONSE_END = "<tool_response>", "</tool_response>"
 # One token for the call's fixed JSON head: the character-level model writes 11 tokens a call, not 70.
 CALL_HEAD = '{"name": "calculator", "arguments": {"expression": "'
 CALL_TAIL = '"}}'
+# A tool's result is written right-aligned in RESULT_WIDTH characters (" 579", "1910"), so that the
+# answer copied after "=" always sits the same distance back: with 3- and 4-digit results at
+# different distances the tiny model mixed the two up ("1910=1900").
+RESULT_WIDTH = 4
+RESULT_FIELD = "{{ '%" + str(RESULT_WIDTH) + "s' | format(message.content) }}"
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
-    "{%- if message.role == 'tool' %}" + TOOL_RESPONSE + "{{ message.content }}" + TOOL_RESPONSE_END + "="
+    "{%- if message.role == 'tool' %}" + TOOL_RESPONSE + RESULT_FIELD + TOOL_RESPONSE_END + "="
     "{%- else %}{{ message.content }}"
     "{%- for tool_call in message.tool_calls or [] %}" + TOOL_CALL + '{"name": "{{ tool_call.name }}", '
     '"arguments": {{ tool_call.arguments | tojson }}}' + TOOL_CALL_END + "{%- endfor %}"
@@ -62,9 +68,14 @@ def call_text(prompt: str) -> str:
     return TOOL_CALL + CALL_HEAD + prompt + CALL_TAIL + TOOL_CALL_END
 
 
+def result_field(result: str) -> str:
+    """A tool's result as the template writes it (right-aligned; longer text unchanged)."""
+    return f"{result:>{RESULT_WIDTH}}"
+
+
 def response_text(result: str) -> str:
     """What the template appends after a call (the tool message and the generation prompt)."""
-    return TOOL_RESPONSE + result + TOOL_RESPONSE_END + "="
+    return TOOL_RESPONSE + result_field(result) + TOOL_RESPONSE_END + "="
 
 
 def split_pairs(seed: int = 0) -> dict[str, list[tuple[int, int]]]:
