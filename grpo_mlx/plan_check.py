@@ -118,8 +118,8 @@ FITS_G, FITS_T = (4, 8, 16, 32), (128, 256, 512, 1024, 2048, 4096)
 
 def what_fits(prompt_tokens: int = 256, batch_size: int = 1) -> None:
     """For each Mac and model: the largest G x completion length (by their product) the planner
-    fits with gradient checkpointing, bf16 activations, B prompts of `prompt_tokens`, otherwise
-    the default options."""
+    fits with gradient checkpointing and the fewest micro-batches that fit (up to one row at a
+    time), bf16 activations, B prompts of `prompt_tokens`, otherwise the default options."""
     from grpo_mlx.config import DEMO_DATA, build_config
     from grpo_mlx.plan import predict
 
@@ -132,11 +132,14 @@ def what_fits(prompt_tokens: int = 256, batch_size: int = 1) -> None:
             best = None
             for G in FITS_G:
                 for T in FITS_T:
-                    cfg = build_config(dict(data=DEMO_DATA, model="x/y", batch_size=batch_size, group_size=G,
-                                            max_completion_length=T, grad_checkpoint=True))  # fmt: skip
-                    if predict(cfg, config, prompt_tokens, 2)["total"] <= WORKING_SET * mem * 1e9:
-                        best = max(best or (0, 0, 0), (G * T, G, T))
-            cells.append(f"G={best[1]} x {best[2]}" if best else "does not fit")
+                    for k in (m for m in (1, 2, 4, 8, 16, 32) if m <= G * batch_size):
+                        cfg = build_config(dict(data=DEMO_DATA, model="x/y", batch_size=batch_size, group_size=G,
+                                                max_completion_length=T, grad_checkpoint=True,
+                                                gradient_accumulation_steps=k))  # fmt: skip
+                        if predict(cfg, config, prompt_tokens, 2)["total"] <= WORKING_SET * mem * 1e9:
+                            best = max(best or (0, 0, 0, 0), (G * T, G, T, -k))
+                            break
+            cells.append(f"G={best[1]} x {best[2]}, {-best[3]} micro" if best else "does not fit")
         print(f"| {mem} GB | " + " | ".join(cells) + " |")
 
 
