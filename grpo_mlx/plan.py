@@ -34,11 +34,12 @@ CHUNK_ARRAYS = 3.2  # (rows, V) float32 arrays alive per chunk: logits, exp, d l
 # probabilities (heads x positions)
 ACT_D, ACT_I, ACT_SCORES = 8.0, 3.0, 3.0
 CHECKPOINT_KEEP = 2.0  # D-sized values per token and block kept under gradient checkpointing
-# Under gradient checkpointing the training step (MLX 0.32, CPU) saves far less than one block
-# at a time would: the update's peak was 1.56-1.66x the activations the plain pass keeps at
-# 32+32 tokens, 8k and 49k vocabularies (grpo_mlx.policy.checkpointed_call; measured with
-# mx.get_peak_memory around update_policy). A measured factor, not derived.
-RECOMPUTE = 1.6
+# Under gradient checkpointing the training step (MLX 0.32, CPU) frees none of the blocks'
+# activations: its update peaked at the plain pass's activations plus one block recomputed with
+# its cotangents, about 2.2x a block's values other than the attention probabilities (1.6-2.7x
+# measured at 2 and 4 blocks, 32+32 and 64+128 tokens), unless the log-prob pass over the
+# block inputs is larger (49k vocabulary).
+RECOMPUTE_BLOCK = 2.2
 
 
 class MemoryPlanError(UserError, RuntimeError):
@@ -180,11 +181,10 @@ def predict(cfg, config: dict, prompt_len: int, float_bytes: int = 4) -> dict[st
     kept = n * positions * s.layers * layer
     logprob = logprob_pass_bytes(n * T, s.vocab)
     training = kept + logprob
-    if cfg.grad_checkpoint:  # the log-prob pass over block inputs only, then the recomputation;
-        # never predicted above the plain pass: where the recomputation would cost more, the
-        # measured peak stays the plain one (64+128 tokens: 913 MB with, 937 MB predicted without)
+    if cfg.grad_checkpoint:  # the log-prob pass over the block inputs, or the recomputation
         inputs = n * positions * (s.layers * CHECKPOINT_KEEP * s.hidden * float_bytes + layer)
-        training = min(training, max(inputs + logprob, RECOMPUTE * kept))
+        block = n * positions * (layer - ACT_SCORES * s.heads * positions * float_bytes)
+        training = max(inputs + logprob, kept + RECOMPUTE_BLOCK * block)
         kept = training - logprob
     parts = {
         "weights": float(weights),

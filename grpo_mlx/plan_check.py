@@ -147,6 +147,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m grpo_mlx.plan_check", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="Only the first three shapes.")
     parser.add_argument("--fits", action="store_true", help="Print the 'what fits' table of Macs and models.")
+    parser.add_argument(
+        "--repredict",
+        metavar="TABLE",
+        help="Print a table this command printed before with today's predictions (no measuring: "
+        "its measured column, row by row in the grid's order).",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.fits:
@@ -158,9 +164,14 @@ def main(argv=None) -> int:
     head = "model | params | bits | B | G | prompt | completion | micro | ckpt | other | measured | predicted | ratio"
     print(f"| {head} |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    if args.repredict:
+        rows = measured_rows(args.repredict)
+    else:
+        rows = ((shape, None) for shape in (GRID[:3] if args.quick else GRID))
     bad = 0
-    for shape in GRID[:3] if args.quick else GRID:
-        r = row(shape)
+    for shape, measured in rows:
+        r = row(shape) if measured is None else {"measured": measured, "predicted": predicted(*shape)}
+        r["ratio"] = r["predicted"] / r["measured"]
         spec, bits, B, G, P, T, k, ckpt, extra = shape
         other = ", ".join(f"{key} {value}" for key, value in extra.items()) or "-"
         bad += not 0.85 <= r["ratio"] <= 1.15
@@ -169,6 +180,17 @@ def main(argv=None) -> int:
               f"{r['ratio']:.2f} |", flush=True)  # fmt: skip
     print(f"{bad} of the shapes outside ±15%")
     return 1 if bad else 0
+
+
+def measured_rows(path: str):
+    """(shape, measured bytes) of each row of a table this command printed, in GRID order."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.startswith("| ") and " MB |" in line]
+    for shape, line in zip(GRID, lines):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] != shape[0]:
+            raise SystemExit(f"{path}: row {cells[0]!r} is not the grid's {shape[0]!r}")
+        yield shape, float(cells[10].removesuffix(" MB")) * 1e6
 
 
 if __name__ == "__main__":
