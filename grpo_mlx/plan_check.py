@@ -146,6 +146,7 @@ def what_fits(prompt_tokens: int = 256, batch_size: int = 1) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m grpo_mlx.plan_check", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="Only the first three shapes.")
+    parser.add_argument("--only", metavar="I,J", help="Only these rows of the grid (0-based): it in parts.")
     parser.add_argument("--fits", action="store_true", help="Print the 'what fits' table of Macs and models.")
     parser.add_argument(
         "--repredict",
@@ -167,7 +168,8 @@ def main(argv=None) -> int:
     if args.repredict:
         rows = measured_rows(args.repredict)
     else:
-        rows = ((shape, None) for shape in (GRID[:3] if args.quick else GRID))
+        chosen = [GRID[int(i)] for i in args.only.split(",")] if args.only else GRID[:3] if args.quick else GRID
+        rows = ((shape, None) for shape in chosen)
     bad = 0
     for shape, measured in rows:
         r = row(shape) if measured is None else {"measured": measured, "predicted": predicted(*shape)}
@@ -183,9 +185,12 @@ def main(argv=None) -> int:
 
 
 def measured_rows(path: str):
-    """(shape, measured bytes) of each row of a table this command printed, in GRID order."""
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f if line.startswith("| ") and " MB |" in line]
+    """(shape, measured bytes) of each row of tables this command printed (files joined by
+    commas), in GRID order."""
+    lines = []
+    for name in path.split(","):
+        with open(name, encoding="utf-8") as f:
+            lines += [line for line in f if line.startswith("| ") and " MB |" in line]
     for shape, line in zip(GRID, lines):
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if cells[0] != shape[0]:
