@@ -174,28 +174,34 @@ def main(argv=None) -> int:
     for shape, measured in rows:
         r = row(shape) if measured is None else {"measured": measured, "predicted": predicted(*shape)}
         r["ratio"] = r["predicted"] / r["measured"]
-        spec, bits, B, G, P, T, k, ckpt, extra = shape
-        other = ", ".join(f"{key} {value}" for key, value in extra.items()) or "-"
         bad += not 0.85 <= r["ratio"] <= 1.15
-        print(f"| {spec} | {params(spec) / 1e6:.0f}M | {bits or 'float32'} | {B} | {G} | {P} | {T} | {k} | "
-              f"{'yes' if ckpt else 'no'} | {other} | {r['measured'] / 1e6:.0f} MB | {r['predicted'] / 1e6:.0f} MB | "
-              f"{r['ratio']:.2f} |", flush=True)  # fmt: skip
+        name, *rest = cells(shape)
+        print(f"| {name} | {params(shape[0]) / 1e6:.0f}M | {' | '.join(rest)} | {r['measured'] / 1e6:.0f} MB | "
+              f"{r['predicted'] / 1e6:.0f} MB | {r['ratio']:.2f} |", flush=True)  # fmt: skip
     print(f"{bad} of the shapes outside ±15%")
     return 1 if bad else 0
 
 
+def cells(shape) -> list[str]:
+    """The table cells that name a shape (all but params and the figures)."""
+    spec, bits, B, G, P, T, k, ckpt, extra = shape
+    other = ", ".join(f"{key} {value}" for key, value in extra.items()) or "-"
+    return [spec, str(bits or "float32"), *map(str, (B, G, P, T, k)), "yes" if ckpt else "no", other]
+
+
 def measured_rows(path: str):
-    """(shape, measured bytes) of each row of tables this command printed (files joined by
-    commas), in GRID order."""
-    lines = []
+    """(shape, measured bytes) of the rows of tables this command printed (files joined by
+    commas, rows in any order), in GRID order; shapes not measured are left out."""
+    found = {}
     for name in path.split(","):
         with open(name, encoding="utf-8") as f:
-            lines += [line for line in f if line.startswith("| ") and " MB |" in line]
-    for shape, line in zip(GRID, lines):
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if cells[0] != shape[0]:
-            raise SystemExit(f"{path}: row {cells[0]!r} is not the grid's {shape[0]!r}")
-        yield shape, float(cells[10].removesuffix(" MB")) * 1e6
+            for line in f:
+                if line.startswith("| ") and " MB |" in line:
+                    row = [c.strip() for c in line.strip().strip("|").split("|")]
+                    found[tuple(row[:1] + row[2:10])] = float(row[10].removesuffix(" MB")) * 1e6
+    for shape in GRID:
+        if tuple(cells(shape)) in found:
+            yield shape, found[tuple(cells(shape))]
 
 
 if __name__ == "__main__":
