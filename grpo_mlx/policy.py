@@ -152,7 +152,8 @@ def checkpointed_call(block: nn.Module, call, x, *args, **kwargs):
     peak rose by 8% instead of falling). Here it waits for the cotangent, so one block's
     activations exist at a time."""
 
-    names, values = zip(*tree_flatten(block.trainable_parameters())) if block.trainable_parameters() else ((), ())
+    flat = tree_flatten(block.trainable_parameters())  # empty for a block without adapters
+    names, values = [k for k, _ in flat], [v for _, v in flat]
 
     def forward(params, h):
         block.update(params)
