@@ -33,8 +33,13 @@ CHUNK_ARRAYS = 3.2  # (rows, V) float32 arrays alive per chunk: logits, exp, d l
 # outputs, attention output, residuals), I-sized (gate, up, their product) and the attention
 # probabilities (heads x positions)
 ACT_D, ACT_I, ACT_SCORES = 8.0, 3.0, 3.0
-MICRO_LINGER = 0.5  # share of the other micro-batches' activations alive: one lazy graph per update
 CHECKPOINT_KEEP = 2.0  # D-sized values per token and block kept under gradient checkpointing
+# Under gradient checkpointing the training step (MLX 0.32, CPU) frees none of the blocks'
+# activations: its update peaked at the plain pass's activations plus one block recomputed with
+# its cotangents, about 2.2x a block's values other than the attention probabilities (1.6-2.7x
+# measured at 2 and 4 blocks, 32+32 and 64+128 tokens), unless the log-prob pass over the
+# block inputs is larger (49k vocabulary).
+RECOMPUTE_BLOCK = 2.2
 
 
 class MemoryPlanError(UserError, RuntimeError):
@@ -115,6 +120,24 @@ def kv_bytes_per_value(cfg, float_bytes: int) -> float:
     return bits / 8 + 2 * float_bytes / getattr(cfg, "kv_group_size", 64)
 
 
+def kv_row_bytes(s: Shape, cfg, P: int, T: int, float_bytes: int) -> float:
+    """One decoding row's KV cache: mlx-lm's BatchKVCache allocates prompt and completion in
+    steps of KV_STEP; the quantized one (grpo_mlx.rollout_cache) holds the prompt exactly and
+    grows the completion in steps."""
+    values = s.layers * 2 * s.kv_heads * s.head_dim
+    if getattr(cfg, "kv_bits", None):
+        return values * (P + math.ceil(max(T - 1, 1) / KV_STEP) * KV_STEP) * kv_bytes_per_value(cfg, float_bytes)
+    return values * math.ceil((P + T - 1) / KV_STEP) * KV_STEP * float_bytes
+
+
+def prefill_bytes(s: Shape, cfg, B: int, P: int, float_bytes: int) -> float:
+    """The B prompts' prefilled cache, kept while every wave gathers its rows from it."""
+    values = B * s.layers * 2 * s.kv_heads * s.head_dim
+    if getattr(cfg, "kv_bits", None):
+        return values * P * kv_bytes_per_value(cfg, float_bytes)
+    return values * math.ceil(P / KV_STEP) * KV_STEP * float_bytes
+
+
 def activation_values(s: Shape, positions: int) -> float:
     """float32 values kept per token and block for the backward pass."""
     kv = s.kv_heads * s.head_dim
@@ -141,9 +164,8 @@ def predict(cfg, config: dict, prompt_len: int, float_bytes: int = 4) -> dict[st
     weights = weight_bytes(s, float_bytes)
     adapters = adapter_params(s, cfg) * 4 * 5  # float32: values, gradients, their sum, Adam's m and v
 
-    rows = min(getattr(cfg, "rollout_batch_size", None) or N, N)
-    alloc = math.ceil(positions / KV_STEP) * KV_STEP
-    kv_cache = rows * s.layers * 2 * s.kv_heads * s.head_dim * alloc * kv_bytes_per_value(cfg, float_bytes)
+    rows = min(getattr(cfg, "rollout_batch_size", None) or N, N)  # one wave's rows decode at once
+    kv_cache = rows * kv_row_bytes(s, cfg, P, T, float_bytes) + prefill_bytes(s, cfg, B, P, float_bytes)
     decode = rows * (3 * s.vocab * 4 + 4 * (s.hidden + s.intermediate) * float_bytes) + B * P * s.hidden * 4
     rollout = kv_cache + decode
 
@@ -152,14 +174,18 @@ def predict(cfg, config: dict, prompt_len: int, float_bytes: int = 4) -> dict[st
     if cfg.beta > 0:  # one forward over all rows, no gradient: a block's values at a time
         reference = N * positions * (layer + s.hidden * float_bytes) + logprob_pass_bytes(N * T, s.vocab)
 
+    # micro-batches: each slice is evaluated before the next is built (update_policy), so one
+    # slice's activations are alive, and the summed gradients (in `adapters`)
     k = max(cfg.gradient_accumulation_steps, 1)
     n = math.ceil(N / k)
-    share = 1 / k + (1 - 1 / k) * MICRO_LINGER  # of the whole batch's activations
-    if cfg.grad_checkpoint:  # block inputs kept, one block recomputed at a time
-        kept = N * share * positions * (s.layers * CHECKPOINT_KEEP * s.hidden * float_bytes + layer)
-    else:
-        kept = N * share * positions * s.layers * layer
-    training = kept + logprob_pass_bytes(n * T, s.vocab)
+    kept = n * positions * s.layers * layer
+    logprob = logprob_pass_bytes(n * T, s.vocab)
+    training = kept + logprob
+    if cfg.grad_checkpoint:  # the log-prob pass over the block inputs, or the recomputation
+        inputs = n * positions * (s.layers * CHECKPOINT_KEEP * s.hidden * float_bytes + layer)
+        block = n * positions * (layer - ACT_SCORES * s.heads * positions * float_bytes)
+        training = max(inputs + logprob, kept + RECOMPUTE_BLOCK * block)
+        kept = training - logprob
     parts = {
         "weights": float(weights),
         "adapters_and_optimizer": float(adapters),
@@ -167,7 +193,7 @@ def predict(cfg, config: dict, prompt_len: int, float_bytes: int = 4) -> dict[st
         "decode_activations": float(decode),
         "reference_pass": float(reference),
         "training_activations": float(kept),
-        "logprob_pass": float(logprob_pass_bytes(n * T, s.vocab)),
+        "logprob_pass": float(logprob),
     }
     parts["total"] = weights + adapters + max(rollout, reference, training)
     return parts

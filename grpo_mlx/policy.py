@@ -15,7 +15,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from grpo_mlx.errors import UserError
 
@@ -136,12 +136,42 @@ def _checkpointed_class(cls: type) -> type:
         return cls
     if cls not in _CHECKPOINTED:
 
-        def __call__(self, *args, **kwargs):
-            return nn.utils.checkpoint(self, super(sub, self).__call__)(*args, **kwargs)
+        def __call__(self, x, *args, **kwargs):
+            return checkpointed_call(self, super(sub, self).__call__, x, *args, **kwargs)
 
         sub = type(cls.__name__, (cls,), {"__call__": __call__, "_grpo_checkpointed": True})
         _CHECKPOINTED[cls] = sub
     return _CHECKPOINTED[cls]
+
+
+def checkpointed_call(block: nn.Module, call, x, *args, **kwargs):
+    """call(x, *args) whose backward pass recomputes the block's activations once the cotangent
+    arrives. mx.checkpoint (MLX 0.32) makes the recomputation wait for the block's output only,
+    which exists right after the forward pass: the recomputations of every block then run ahead
+    of the backward pass and all their activations are alive at once (measured: the update's
+    peak rose by 8% instead of falling). Here it waits for the cotangent, so one block's
+    activations exist at a time."""
+
+    flat = tree_flatten(block.trainable_parameters())  # empty for a block without adapters
+    names, values = [k for k, _ in flat], [v for _, v in flat]
+
+    def forward(params, h):
+        block.update(params)
+        return call(h, *args, **kwargs)
+
+    def forward_flat(h, *arrays):  # mx.vjp takes a list of arrays
+        return forward(tree_unflatten(list(zip(names, arrays))), h)
+
+    fn = mx.custom_function(forward)
+
+    @fn.vjp
+    def backward(primals, cotangent, output):
+        params, h = primals
+        h = mx.depends(h, cotangent)  # recompute only when the gradient reaches this block
+        _, grads = mx.vjp(forward_flat, [h, *(dict(tree_flatten(params))[n] for n in names)], [cotangent])
+        return tree_unflatten(list(zip(names, grads[1:]))), grads[0]
+
+    return fn(tree_unflatten(list(zip(names, values))), x)
 
 
 def adapter_layers(model: nn.Module) -> list[nn.Module]:

@@ -22,7 +22,9 @@ def huge_model_dir(tmp_path):
     return str(path)  # no weights, no tokenizer
 
 
-@pytest.mark.parametrize("shape", plan_check.GRID[:2], ids=["small-vocab", "49k-vocab"])
+@pytest.mark.parametrize(
+    "shape", plan_check.GRID[:4], ids=["small-vocab", "49k-vocab", "4-micro-batches", "grad-checkpoint"]
+)
 def test_prediction_is_within_15_percent_of_a_measured_step(shape):
     measured = plan_check.measure(*shape)
     assert 0.85 <= plan_check.predicted(*shape) / measured <= 1.15

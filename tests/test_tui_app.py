@@ -169,6 +169,30 @@ def test_config_screen_edits_validates_and_starts(monkeypatch):
     run(go())
 
 
+def test_config_screen_refuses_a_run_the_memory_plan_refuses(tmp_path, monkeypatch):
+    from grpo_mlx.config import DEMO_DATA
+
+    model = tmp_path / "huge"  # a 72B-like float32 config.json, no weights: far more than any machine has
+    model.mkdir()
+    config = {"model_type": "qwen2", "hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 80,
+              "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 152064}  # fmt: skip
+    (model / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    started = []
+    monkeypatch.setattr(GrpoApp, "start_run", lambda self, cfg: started.append(cfg))
+
+    async def go():
+        app = GrpoApp(config=build_config({"model": str(model), "data": DEMO_DATA}))
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            await pilot.press("ctrl+s")
+            await pilot.pause()
+            assert started == []  # refused before the model loads
+            error = str(app.screen.query_one("#error").render())
+            assert "predicted to need" in error and "--ignore-memory-plan" in error
+
+    run(go())
+
+
 def test_config_screen_starts_with_one_key(monkeypatch):
     started = []
     monkeypatch.setattr(GrpoApp, "start_run", lambda self, cfg: started.append(cfg))

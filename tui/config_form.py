@@ -154,7 +154,26 @@ class ConfigScreen(Screen):
 
     def action_start(self) -> None:
         cfg = self.check()
-        if cfg is None:
+        if cfg is None or not self.plan_allows(cfg):
             self.app.bell()
             return
         self.app.start_run(cfg)
+
+    def plan_allows(self, cfg: TrainConfig) -> bool:
+        """The memory plan refuses here, before the model loads, what `grpo-mlx train` refuses;
+        its sentence is shown as the form's other errors are."""
+        import io
+
+        from grpo_mlx.errors import UserError
+        from grpo_mlx.plan import check_run
+
+        if cfg.resume:  # as train: a resumed run was planned when it started
+            return True
+        try:
+            check_run(cfg, out=io.StringIO())  # the short plan is for a terminal; the form shows the refusal
+        except UserError as e:
+            error = self.query_one("#error", Static)
+            error.update(f"✖ {e}")
+            error.set_class(True, "invalid")
+            return False
+        return True
