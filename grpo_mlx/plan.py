@@ -215,8 +215,8 @@ def read_model_config(model: str) -> dict:
             cached = None
         if not isinstance(cached, str):
             raise MemoryPlanError(
-                f"model '{model}': no config.json locally or in the Hugging Face cache, so no memory plan "
-                "(download it first, or pass --ignore-memory-plan)"
+                f"model '{model}': no config.json locally or in the Hugging Face cache yet, so no memory plan "
+                "before the download"
             )
         path = Path(cached)
     if not path.is_file():
@@ -388,10 +388,12 @@ def check_run(cfg, out=None) -> Plan | None:
     load) unless --ignore-memory-plan. The demo is never refused."""
     try:
         plan = make_plan(cfg)
-    except MemoryPlanError:
-        if getattr(cfg, "ignore_memory_plan", False) or cfg.is_demo:
-            return None
-        raise
+    except MemoryPlanError as e:
+        # No config.json here (a Hub model downloads with its weights, a wrong path is the loader's
+        # to name) or a shape the planner does not know: no plan, and the run is not refused for it.
+        if not cfg.is_demo:
+            (out or sys.stderr).write(f"memory plan: none ({e})\n")
+        return None
     (out or sys.stderr).write(format_plan(plan, short=True) + "\n")
     if not plan.fits and not cfg.is_demo and not getattr(cfg, "ignore_memory_plan", False):
         fix = plan.fixes[0]["change"] if plan.fixes else "a smaller model or shorter completions"

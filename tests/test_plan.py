@@ -87,3 +87,12 @@ def test_the_demo_is_never_refused(capsys):
     cfg = build_config({})
     assert plan.check_run(cfg) is not None  # fits, and prints
     assert "memory plan" in capsys.readouterr().err
+
+
+def test_a_model_without_a_config_here_is_not_refused_for_it(tmp_path, capsys):
+    """A Hub id not downloaded yet (its config comes with the weights) or a wrong path (the
+    loader names it): no plan, one line saying why, and the run goes on to the loader."""
+    for model in ("someone/not-downloaded-yet", str(tmp_path)):
+        cfg = build_config({"data": DEMO_DATA, "model": model})
+        assert plan.check_run(cfg) is None
+        assert "memory plan: none (" in capsys.readouterr().err
