@@ -31,6 +31,7 @@ def load_blas(path: str) -> str | None:
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
+    # grpo_mlx.bench's probe, repeated: this file runs in a peer's venv, where grpo_mlx may be absent
     import mlx.core as mx
 
     a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
