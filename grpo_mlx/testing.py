@@ -251,3 +251,14 @@ def build_tool_tokenizer(path, corpus: list[str] | None = None, vocab_size: int 
     path = Path(path)
     fast.save_pretrained(str(path))
     return load_tokenizer(path)
+
+
+def chat_prompt_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text as a one-message user conversation with the generation prompt."""
+    return [
+        tokenizer.encode(
+            tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False),
+            add_special_tokens=False,
+        )
+        for t in texts
+    ]

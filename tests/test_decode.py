@@ -11,13 +11,6 @@ from grpo_mlx.policy import load_model
 from grpo_mlx.sampler import generate_groups
 
 
-@pytest.fixture(scope="module")
-def model_and_tokenizer():
-    model, tok = load_model(DEMO_MODEL)
-    model.set_dtype(mx.float32)
-    return model, tok
-
-
 def _prompts(tok, texts):
     chat = [[{"role": "user", "content": t}] for t in texts]
     return [tok.encode(tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False)) for c in chat]

@@ -7,31 +7,13 @@ import pytest
 
 from grpo_mlx import sampler
 from grpo_mlx.batch import training_arrays
-from grpo_mlx.config import DEMO_MODEL
 from grpo_mlx.errors import UserError
 from grpo_mlx.logprobs import completion_logprobs
-from grpo_mlx.policy import load_model
 from grpo_mlx.rollout_cache import BatchQuantizedKVCache, wave_slices
 from grpo_mlx.sampler import generate_groups
+from grpo_mlx.testing import chat_prompt_ids
 
 HEAD = 32  # the demo model's attention head size (128 hidden / 4 heads)
-
-
-@pytest.fixture(scope="module")
-def model_and_tokenizer():
-    model, tok = load_model(DEMO_MODEL)
-    model.set_dtype(mx.float32)
-    return model, tok
-
-
-def _prompts(tok, texts):
-    return [
-        tok.encode(
-            tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False),
-            add_special_tokens=False,
-        )
-        for t in texts
-    ]
 
 
 def _gap(model, tok, prompts, roll, G, temperature=1.0):
@@ -75,7 +57,7 @@ def test_quantized_cache_attends_like_the_full_one():
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_rollouts_are_valid_with_a_small_gap(model_and_tokenizer, bits):
     model, tok = model_and_tokenizer
-    prompts = _prompts(tok, ["12+34", "7+5", "99+99"])  # different lengths: left padding
+    prompts = chat_prompt_ids(tok, ["12+34", "7+5", "99+99"])  # different lengths: left padding
     seeds = [3, 4, 5]
     full = generate_groups(model, tok, prompts, 4, 6, seeds=seeds)
     quant = generate_groups(model, tok, prompts, 4, 6, seeds=seeds, kv_bits=bits, kv_group_size=HEAD)
@@ -97,7 +79,7 @@ def test_one_row_decodes_as_mlx_lms_quantized_cache(model_and_tokenizer, bits):
     from mlx_lm.models.cache import KVCache
 
     model, tok = model_and_tokenizer
-    p = _prompts(tok, ["12+34"])[0]
+    p = chat_prompt_ids(tok, ["12+34"])[0]
     seq = p + tok.encode("46", add_special_tokens=False)
     reference = [KVCache() for _ in model.layers]
     model(mx.array(p[:-1])[None], cache=reference)
@@ -112,7 +94,7 @@ def test_one_row_decodes_as_mlx_lms_quantized_cache(model_and_tokenizer, bits):
 
 def test_four_bits_drift_more_than_eight(model_and_tokenizer):
     model, tok = model_and_tokenizer
-    prompts = _prompts(tok, ["12+34", "7+5", "99+99", "40+2"])
+    prompts = chat_prompt_ids(tok, ["12+34", "7+5", "99+99", "40+2"])
     gaps = {}
     for bits in (8, 4):
         roll = generate_groups(model, tok, prompts, 4, 6, seeds=[1, 2, 3, 4], kv_bits=bits, kv_group_size=HEAD)
@@ -123,7 +105,7 @@ def test_four_bits_drift_more_than_eight(model_and_tokenizer):
 def test_group_size_must_divide_the_head(model_and_tokenizer):
     model, tok = model_and_tokenizer
     with pytest.raises(UserError, match="kv_group_size.*64.*head size 32"):
-        generate_groups(model, tok, _prompts(tok, ["1+2"]), 2, 3, kv_bits=8, kv_group_size=64)
+        generate_groups(model, tok, chat_prompt_ids(tok, ["1+2"]), 2, 3, kv_bits=8, kv_group_size=64)
 
 
 @pytest.mark.parametrize("host", [True, False])
@@ -131,7 +113,7 @@ def test_group_size_must_divide_the_head(model_and_tokenizer):
 def test_waves_give_the_completions_of_one_wave(model_and_tokenizer, host, kv_bits):
     """With per-prompt seeds, any wave size (5 splits groups across waves) samples the same."""
     model, tok = model_and_tokenizer
-    prompts = _prompts(tok, ["12+34", "7+5", "99+99"])
+    prompts = chat_prompt_ids(tok, ["12+34", "7+5", "99+99"])
     kw = dict(temperature=1.2, seeds=[7, 8, 9], host_sampling=host, kv_bits=kv_bits, kv_group_size=HEAD)
     one = generate_groups(model, tok, prompts, 4, 8, **kw)
     for size in (5, 4, 1):
@@ -156,6 +138,6 @@ def test_waves_prefill_each_prompt_once(model_and_tokenizer, monkeypatch):
         return out
 
     monkeypatch.setattr(sampler, "prefill_prompts", counting)
-    generate_groups(model, tok, _prompts(tok, ["12+34", "7+5"]), 3, 4, rollout_batch_size=4)
+    generate_groups(model, tok, chat_prompt_ids(tok, ["12+34", "7+5"]), 3, 4, rollout_batch_size=4)
     assert calls == [2], "one prefill of the two prompts"
     assert gathered == [[0, 0, 0, 1], [1, 1]], "the waves take their rows from it; prompt 1 spans both"

@@ -5,33 +5,15 @@ import numpy as np
 import pytest
 
 from grpo_mlx.batch import training_arrays
-from grpo_mlx.config import DEMO_MODEL
 from grpo_mlx.logprobs import completion_logprobs
-from grpo_mlx.policy import load_model
 from grpo_mlx.sampler import generate_groups
-
-
-@pytest.fixture(scope="module")
-def model_and_tokenizer():
-    model, tok = load_model(DEMO_MODEL)
-    model.set_dtype(mx.float32)
-    return model, tok
-
-
-def _prompts(tok, texts):
-    return [
-        tok.encode(
-            tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False),
-            add_special_tokens=False,
-        )
-        for t in texts
-    ]
+from grpo_mlx.testing import chat_prompt_ids
 
 
 def test_shapes_eos_kept_and_finish_reasons(model_and_tokenizer):
     model, tok = model_and_tokenizer
     mx.random.seed(0)
-    prompts = _prompts(tok, ["12+34", "55+66", "90+10"])
+    prompts = chat_prompt_ids(tok, ["12+34", "55+66", "90+10"])
     roll = generate_groups(model, tok, prompts, group_size=4, max_tokens=6)
     n = 3 * 4
     assert roll.tokens.shape[0] == n and roll.logprobs.shape == roll.tokens.shape
@@ -51,7 +33,7 @@ def test_shapes_eos_kept_and_finish_reasons(model_and_tokenizer):
 
 def test_length_limit_reports_length(model_and_tokenizer):
     model, tok = model_and_tokenizer
-    roll = generate_groups(model, tok, _prompts(tok, ["12+34"]), group_size=3, max_tokens=1)
+    roll = generate_groups(model, tok, chat_prompt_ids(tok, ["12+34"]), group_size=3, max_tokens=1)
     # a sum has at least two digits, so one token can never reach EOS
     assert roll.finish_reasons == ["length"] * 3 and list(roll.lengths) == [1, 1, 1]
 
@@ -59,7 +41,7 @@ def test_length_limit_reports_length(model_and_tokenizer):
 def test_sampled_logprobs_match_teacher_forcing(model_and_tokenizer):
     model, tok = model_and_tokenizer
     mx.random.seed(1)
-    prompts = _prompts(tok, ["12+34", "7+5", "99+99"])  # different prompt lengths
+    prompts = chat_prompt_ids(tok, ["12+34", "7+5", "99+99"])  # different prompt lengths
     for temperature in (1.0, 0.7):
         roll = generate_groups(model, tok, prompts, group_size=4, max_tokens=6, temperature=temperature)
         tokens, prompt_lens, mask = training_arrays(prompts, roll, 4, pad_id=tok.eos_token_id)
@@ -72,13 +54,13 @@ def test_sampled_logprobs_match_teacher_forcing(model_and_tokenizer):
 def test_group_rows_share_prompt_but_differ(model_and_tokenizer):
     model, tok = model_and_tokenizer
     mx.random.seed(2)
-    roll = generate_groups(model, tok, _prompts(tok, ["47+38"]), group_size=16, max_tokens=5, temperature=1.5)
+    roll = generate_groups(model, tok, chat_prompt_ids(tok, ["47+38"]), group_size=16, max_tokens=5, temperature=1.5)
     assert len(set(roll.texts)) > 1, "16 samples at temperature 1.5 should not all be equal"
 
 
 def test_greedy_is_deterministic_and_matches_single_row(model_and_tokenizer):
     model, tok = model_and_tokenizer
-    prompts = _prompts(tok, ["12+34", "5+6", "80+19"])
+    prompts = chat_prompt_ids(tok, ["12+34", "5+6", "80+19"])
     a = generate_groups(model, tok, prompts, group_size=2, max_tokens=6, temperature=0)
     b = generate_groups(model, tok, prompts[1:2], group_size=1, max_tokens=6, temperature=0)
     assert a.texts[2] == a.texts[3] == b.texts[0]
@@ -87,7 +69,7 @@ def test_greedy_is_deterministic_and_matches_single_row(model_and_tokenizer):
 
 def test_stop_strings_end_rows(model_and_tokenizer):
     model, tok = model_and_tokenizer
-    prompts = _prompts(tok, ["12+34"])
+    prompts = chat_prompt_ids(tok, ["12+34"])
     greedy = generate_groups(model, tok, prompts, group_size=1, max_tokens=6, temperature=0)
     first_char = greedy.texts[0][0]
     roll = generate_groups(
@@ -112,7 +94,7 @@ def test_numpy_and_mlx_samplers_agree(model_and_tokenizer, temperature):
     """The numpy sampler (CPU, large vocabularies) and the MLX one draw the same uniform numbers:
     same tokens, and both record the teacher-forced log-probabilities."""
     model, tok = model_and_tokenizer
-    prompts = _prompts(tok, ["12+34", "7+5", "99+99"])
+    prompts = chat_prompt_ids(tok, ["12+34", "7+5", "99+99"])
     rolls = {}
     for host in (True, False):
         mx.random.seed(5)
@@ -147,7 +129,7 @@ def test_finished_rows_leave_the_batch(model_and_tokenizer, monkeypatch):
     import grpo_mlx.sampler as sampler
 
     model, tok = model_and_tokenizer
-    prompts = _prompts(tok, ["1+1", "12+34", "50+50", "3+4"])
+    prompts = chat_prompt_ids(tok, ["1+1", "12+34", "50+50", "3+4"])
     runs = {}
     for fraction in (0.01, 2.0):  # filter as soon as one row ends / never
         monkeypatch.setattr(sampler, "COMPACT_FRACTION", fraction)
@@ -195,5 +177,5 @@ def test_other_cache_types_prefill_one_prompt_at_a_time():
 
 def test_rollout_reports_its_timing(model_and_tokenizer):
     model, tok = model_and_tokenizer
-    roll = generate_groups(model, tok, _prompts(tok, ["12+34"]), 2, 4)
+    roll = generate_groups(model, tok, chat_prompt_ids(tok, ["12+34"]), 2, 4)
     assert roll.prefill_time > 0 and roll.decode_time > 0 and 1 <= roll.decode_steps <= 4
